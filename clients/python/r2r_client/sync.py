@@ -1,0 +1,79 @@
+"""Blocking client for the R2R coordinator (no event loop needed)."""
+
+from __future__ import annotations
+
+import grpc
+
+from r2r_client.errors import from_rpc_error
+from r2r_client.types import Prompt, Result, Stats, build_request, stats_from_proto, token_from_proto
+from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
+
+_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+class Stream:
+    """Iterator of Token; after it ends, `stats` and `text` are set. `cancel()` stops the server side."""
+
+    def __init__(self, call, with_logprobs: bool):
+        self._call = call
+        self._with_logprobs = with_logprobs
+        self.request_id = ""
+        self.stats: Stats | None = None
+        self._parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __iter__(self):
+        try:
+            for msg in self._call:
+                self.request_id = msg.request_id
+                if msg.HasField("token"):
+                    tok = token_from_proto(msg.token, self._with_logprobs)
+                    self._parts.append(tok.text)
+                    yield tok
+                else:
+                    self.stats = stats_from_proto(msg.final)
+                    self._parts.append(self.stats.text_tail)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class R2RClient:
+    def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
+                 wait_for_ready: bool = False):
+        self.target = target
+        self._channel = (grpc.secure_channel(target, credentials, options=_OPTIONS) if credentials
+                         else grpc.insecure_channel(target, options=_OPTIONS))
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._wait_for_ready = wait_for_ready
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(self, prompt: Prompt, *, timeout: float | None = None, **params) -> Stream:
+        req = build_request(prompt, **params)
+        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready)
+        return Stream(call, req.logprobs)
+
+    def generate(self, prompt: Prompt, *, timeout: float | None = None, **params) -> Result:
+        stream = self.stream(prompt, timeout=timeout, **params)
+        tokens = list(stream)
+        return Result(request_id=stream.request_id, text=stream.text, tokens=tokens, stats=stream.stats)
+
+    def server_info(self, timeout: float | None = 10.0) -> coordinator_pb2.ServerInfo:
+        try:
+            return self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
+                                            wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None

@@ -1,0 +1,113 @@
+"""The coordinator program: `r2r coordinator --slm HOST:PORT[,...] --llm ... --router HOST:PORT`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from r2r_serve.common.logging import get_logger
+from r2r_serve.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHandle, serve_until_signal, start_server
+from r2r_serve.common.tokenizer import fingerprint, load_tokenizer_from_files
+from r2r_serve.coordinator.pool import RouterClient, WorkerPool
+from r2r_serve.coordinator.servicer import CoordinatorServicer, CoordinatorSettings
+from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
+
+log = get_logger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class PairMismatch(RuntimeError):
+    """The SLM and LLM (or the router) do not belong together."""
+
+
+def add_coordinator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slm", required=True, help="SLM worker endpoints, HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--llm", required=True, help="LLM worker endpoints, HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--router", required=True, help="router endpoint HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--threshold", type=float, default=None, help="default router threshold (default: the router's)")
+    p.add_argument("--max-concurrent-sessions", type=int, default=64)
+    p.add_argument("--max-new-sessions-per-s", type=float, default=0.0, help="0 = no rate limit")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192)
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--connect-timeout-s", type=float, default=600.0, help="wait this long for workers at start-up")
+    p.add_argument("--drain-s", type=float, default=30.0)
+
+
+def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
+    return CoordinatorSettings(max_concurrent_sessions=args.max_concurrent_sessions,
+                               max_new_sessions_per_s=args.max_new_sessions_per_s,
+                               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                               default_max_tokens=args.default_max_tokens, default_threshold=args.threshold)
+
+
+def check_pair(slm: worker_pb2.WorkerInfo, llm: worker_pb2.WorkerInfo, router_info) -> None:
+    if slm.tokenizer_fingerprint != llm.tokenizer_fingerprint:
+        raise PairMismatch(
+            f"the SLM and LLM tokenizers differ: SLM {slm.model_name!r} has tokenizer {slm.tokenizer_fingerprint}, "
+            f"LLM {llm.model_name!r} has {llm.tokenizer_fingerprint}; R2R needs a pair that shares one tokenizer")
+    if router_info.hidden_size and router_info.hidden_size != slm.hidden_size:
+        raise PairMismatch(f"the router expects SLM hidden size {router_info.hidden_size} "
+                           f"({router_info.slm_name or 'unnamed SLM'}), but SLM {slm.model_name!r} has {slm.hidden_size}")
+    if router_info.top_k and router_info.top_k != slm.features_top_k:
+        raise PairMismatch(f"the router expects top-{router_info.top_k} logits; the SLM worker sends "
+                           f"top-{slm.features_top_k} (set the worker's --features-top-k)")
+    if (router_info.slm_tokenizer_fingerprint and
+            router_info.slm_tokenizer_fingerprint != slm.tokenizer_fingerprint):
+        raise PairMismatch(f"the router was trained for SLM {router_info.slm_name!r} (tokenizer "
+                           f"{router_info.slm_tokenizer_fingerprint}); the SLM worker serves {slm.model_name!r} "
+                           f"(tokenizer {slm.tokenizer_fingerprint})")
+
+
+def _split(endpoints: str) -> list[str]:
+    return [e.strip() for e in endpoints.split(",") if e.strip()]
+
+
+async def start_coordinator(slm: str | list[str], llm: str | list[str], router: str,
+                            settings: CoordinatorSettings | None = None, host: str = "127.0.0.1", port: int = 0,
+                            connect_timeout_s: float = 600.0) -> ServiceHandle:
+    settings = settings or CoordinatorSettings()
+    slm_pool = WorkerPool("slm", _split(slm) if isinstance(slm, str) else slm, DEFAULT_MAX_MESSAGE_BYTES)
+    llm_pool = WorkerPool("llm", _split(llm) if isinstance(llm, str) else llm, DEFAULT_MAX_MESSAGE_BYTES)
+    router_client = RouterClient(router, DEFAULT_MAX_MESSAGE_BYTES)
+    try:
+        await asyncio.gather(slm_pool.connect(connect_timeout_s), llm_pool.connect(connect_timeout_s),
+                             router_client.connect(connect_timeout_s))
+        check_pair(slm_pool.info, llm_pool.info, router_client.info)
+        files = await slm_pool.replicas[0].stub.GetTokenizer(worker_pb2.GetTokenizerRequest(), timeout=60)
+        tokenizer = await asyncio.to_thread(load_tokenizer_from_files, dict(files.files))
+        if fingerprint(tokenizer) != slm_pool.info.tokenizer_fingerprint:
+            raise PairMismatch("the tokenizer files the SLM worker sent do not match its fingerprint")
+    except BaseException:
+        await asyncio.gather(slm_pool.close(), llm_pool.close(), router_client.close())
+        raise
+    eos = set(slm_pool.info.eos_token_ids) | set(llm_pool.info.eos_token_ids)
+    servicer = CoordinatorServicer(settings, tokenizer, slm_pool, llm_pool, router_client, eos)
+
+    def register(server):
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    handle = await start_server(register, host=host, port=port)
+
+    async def close_clients():
+        await asyncio.gather(slm_pool.close(), llm_pool.close(), router_client.close())
+
+    handle.on_stop.append(close_clients)
+    handle.servicer = servicer
+    await handle.set_serving(True)
+    log.info("listening", port=handle.port, host=host, slm=slm_pool.info.model_name, llm=llm_pool.info.model_name,
+             router=router_client.info.strategy, threshold=servicer.default_threshold)
+    return handle
+
+
+async def run_coordinator(args: argparse.Namespace) -> None:
+    handle = await start_coordinator(args.slm, args.llm, args.router, settings_from_args(args), args.host, args.port,
+                                     args.connect_timeout_s)
+    print(f"coordinator listening on {args.host}:{handle.port}", flush=True)
+
+    handle.before_stop.append(lambda: handle.servicer.drain(args.drain_s))
+    await serve_until_signal(handle, grace_s=5.0)

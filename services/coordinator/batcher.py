@@ -1,0 +1,130 @@
+"""Continuous batching over one long-lived bidirectional gRPC stream.
+
+Callers `submit` single items; a loop takes everything that queued up while the previous batch was in
+flight, sends it as one request down the stream and hands each caller its own result. A broken stream is
+re-opened (with backoff) and the batch re-sent: requests carry absolute positions, so a resend is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Callable, Generic, TypeVar
+
+import grpc
+
+from r2r_serve.common.logging import get_logger
+
+log = get_logger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class PeerUnavailable(Exception):
+    """The peer could not be reached within the reconnect budget."""
+
+
+class BatchRejected(Exception):
+    """The peer answered the batch with an error (bad input, over a limit)."""
+
+
+class StreamBatcher(Generic[Item, Result]):
+    def __init__(self, name: str, open_stream: Callable[[], grpc.aio.StreamStreamCall],
+                 make_request: Callable[[int, list[Item]], Any], split_response: Callable[[Any], list[Result]],
+                 max_batch: int = 256, reconnect_timeout_s: float = 30.0):
+        self.name = name
+        self._open_stream = open_stream
+        self._make_request = make_request
+        self._split_response = split_response
+        self.max_batch = max_batch
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._queue: list[tuple[Item, asyncio.Future]] = []
+        self._wakeup = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._task: asyncio.Task | None = None
+        self.batches_sent = 0
+        self.items_sent = 0
+        self.healthy = True
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._call is not None:
+            self._call.cancel()
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(PeerUnavailable(f"{self.name}: batcher closed"))
+
+    async def submit(self, item: Item) -> Result:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        self._wakeup.set()
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                # Callers that went away (cancelled) need no answer.
+                batch = [(item, fut) for item, fut in batch if not fut.done()]
+                if not batch:
+                    continue
+                try:
+                    results = await self._send([item for item, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), result in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(result)
+
+    async def _send(self, items: list[Item]) -> list[Result]:
+        batch_id = next(self._ids)
+        request = self._make_request(batch_id, items)
+        deadline = asyncio.get_running_loop().time() + self.reconnect_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                if self._call is None:
+                    self._call = self._open_stream()
+                await self._call.write(request)
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    raise ConnectionError("stream closed by peer")
+                self.healthy = True
+                break
+            except (grpc.aio.AioRpcError, ConnectionError, grpc.aio.UsageError) as exc:
+                self.healthy = False
+                if self._call is not None:
+                    self._call.cancel()
+                self._call = None
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise PeerUnavailable(f"{self.name} unreachable for {self.reconnect_timeout_s:.0f}s: "
+                                          f"{getattr(exc, 'details', lambda: str(exc))()}") from exc
+                log.warning("stream_broken", peer=self.name, error=str(exc)[:200], retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if response.batch_id != batch_id:
+            raise RuntimeError(f"{self.name}: answer for batch {response.batch_id}, expected {batch_id}")
+        if response.error:
+            raise BatchRejected(f"{self.name}: {response.error}")
+        self.batches_sent += 1
+        self.items_sent += len(items)
+        return self._split_response(response)

@@ -1,0 +1,207 @@
+"""The public Coordinator service: validation, admission, the per-request generation loop, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from asyncio_throttle import Throttler
+
+from r2r_serve import __version__
+from r2r_serve.common.logging import get_logger
+from r2r_serve.coordinator.batcher import BatchRejected, PeerUnavailable
+from r2r_serve.coordinator.detokenizer import StreamingDetokenizer
+from r2r_serve.coordinator.pool import ExtendFailed, RouterClient, WorkerPool
+from r2r_serve.coordinator.requests import Limits, check_rest, max_new_tokens, prompt_ids
+from r2r_serve.coordinator.session import Session, r2r_step
+from r2r_serve.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+log = get_logger(__name__)
+
+
+@dataclass
+class CoordinatorSettings:
+    max_concurrent_sessions: int = 64
+    max_new_sessions_per_s: float = 0.0   # 0 = no rate limit
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 4096
+    default_max_tokens: int = 256
+    default_threshold: float | None = None  # None = the router's own default
+
+
+class _Rejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, settings: CoordinatorSettings, tokenizer, slm: WorkerPool, llm: WorkerPool,
+                 router: RouterClient, eos_token_ids: set[int]):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.slm, self.llm, self.router = slm, llm, router
+        self.eos_token_ids = eos_token_ids
+        self.limits = Limits(max_prompt_tokens=settings.max_prompt_tokens, max_new_tokens=settings.max_new_tokens,
+                             default_max_tokens=settings.default_max_tokens,
+                             context=min(slm.info.max_tokens_per_session, llm.info.max_tokens_per_session),
+                             vocab_size=min(slm.info.vocab_size, llm.info.vocab_size))
+        threshold = settings.default_threshold
+        self.default_threshold = float(router.info.default_threshold if threshold is None else threshold)
+        self.active = 0
+        self.accepting = True
+        self.throttler = (Throttler(rate_limit=max(1, int(settings.max_new_sessions_per_s)), period=1.0)
+                          if settings.max_new_sessions_per_s > 0 else None)
+        self._background: set[asyncio.Task] = set()
+
+    # ---- RPCs ----------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        async for response in self._guarded(request, context):
+            yield response
+
+    async def Complete(self, request, context):
+        result = coordinator_pb2.GenerateResult()
+        text = []
+        async for response in self._guarded(request, context):
+            result.request_id = response.request_id
+            if response.HasField("token"):
+                t = response.token
+                text.append(t.text)
+                result.token_ids.append(t.token_id)
+                result.provenance.append(t.provenance)
+                if request.logprobs:
+                    result.logprobs.append(t.logprob)
+            else:
+                text.append(response.final.text_tail)
+                result.stats.CopyFrom(response.final)
+        result.text = "".join(text)
+        return result
+
+    async def GetServerInfo(self, request, context):
+        return coordinator_pb2.ServerInfo(
+            slm_model=self.slm.info.model_name, llm_model=self.llm.info.model_name,
+            router_strategy=self.router.info.strategy, default_threshold=self.default_threshold,
+            tokenizer_fingerprint=self.slm.info.tokenizer_fingerprint,
+            slm_endpoints=[r.endpoint for r in self.slm.replicas], llm_endpoints=[r.endpoint for r in self.llm.replicas],
+            router_endpoint=self.router.endpoint, max_concurrent_sessions=self.settings.max_concurrent_sessions,
+            active_sessions=self.active, max_context=self.limits.context, version=__version__)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _guarded(self, request, context):
+        """Admission + error mapping around one generation."""
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self._admit()
+            except _Rejected as exc:
+                log.info("request_rejected", reason=str(exc))
+                await context.abort(exc.code, str(exc))
+            self.active += 1
+            try:
+                async for response in self._generate(request_id, request, context):
+                    yield response
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except TimeoutError:
+                log.info("request_deadline_exceeded")
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's timeout expired")
+            except ExtendFailed as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.over_capacity else grpc.StatusCode.INTERNAL
+                await context.abort(code, str(exc))
+            except (PeerUnavailable, BatchRejected) as exc:
+                log.warning("request_failed", error=str(exc))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            finally:
+                self.active -= 1
+
+    async def _admit(self) -> None:
+        if not self.accepting:
+            raise _Rejected(grpc.StatusCode.UNAVAILABLE, "the coordinator is draining; retry on another replica")
+        if self.active >= self.settings.max_concurrent_sessions:
+            raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the server is at its limit of {self.settings.max_concurrent_sessions} concurrent "
+                            "requests; retry later")
+        if self.throttler is not None:
+            try:  # wait briefly for a slot in the rate window, never queue without bound
+                async with asyncio.timeout(0.05):
+                    await self.throttler.acquire()
+            except TimeoutError:
+                raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"more than {self.settings.max_new_sessions_per_s:g} new requests per second; "
+                                "retry later") from None
+
+    async def _generate(self, request_id: str, req, context):
+        started = time.perf_counter()
+        ids = prompt_ids(req, self.tokenizer, self.limits)
+        budget = max_new_tokens(req, len(ids), self.limits)
+        check_rest(req, self.limits)
+        threshold = req.threshold if req.HasField("threshold") else self.default_threshold
+        session = Session(session_id=f"{request_id}-{uuid.uuid4().hex[:8]}", history=list(ids), prompt_len=len(ids),
+                          sampling=req.sampling, threshold=threshold)
+        structlog.contextvars.bind_contextvars(session_id=session.session_id)
+        log.info("request_started", prompt_tokens=len(ids), max_tokens=budget, threshold=threshold)
+        detok = StreamingDetokenizer(self.tokenizer, ids, list(req.stop))
+        stop_ids = set(req.stop_token_ids)
+        eos = set() if req.ignore_eos else self.eos_token_ids
+        finish, ttft, llm_tokens, count = coordinator_pb2.FINISH_REASON_LENGTH, 0.0, 0, 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.timeout_ms / 1000 if req.timeout_ms else None
+        try:
+            async with asyncio.timeout_at(deadline):
+                while count < budget:
+                    step = await r2r_step(session, self.slm, self.router, self.llm)
+                    if step.token in eos:
+                        finish = coordinator_pb2.FINISH_REASON_EOS
+                        break
+                    if step.token in stop_ids:
+                        finish = coordinator_pb2.FINISH_REASON_STOP
+                        break
+                    session.history.append(step.token)
+                    text = detok.add(step.token)
+                    if count == 0:
+                        ttft = time.perf_counter() - started
+                    llm_tokens += step.provenance == common_pb2.PROVENANCE_LLM
+                    yield coordinator_pb2.GenerateResponse(request_id=request_id, token=coordinator_pb2.TokenEvent(
+                        index=count, token_id=step.token, text=text, provenance=step.provenance,
+                        logprob=step.logprob if req.logprobs else 0.0, router_probability=step.router_probability))
+                    count += 1
+                    if detok.stopped_by is not None:
+                        finish = coordinator_pb2.FINISH_REASON_STOP
+                        break
+            total = time.perf_counter() - started
+            stats = coordinator_pb2.GenerationStats(
+                finish_reason=finish, prompt_tokens=len(ids), completion_tokens=count, llm_tokens=llm_tokens,
+                llm_share=llm_tokens / count if count else 0.0, time_to_first_token_s=ttft, total_s=total,
+                tokens_per_s=count / total if total > 0 else 0.0, stop_sequence=detok.stopped_by or "",
+                text_tail=detok.finish())
+            log.info("request_finished", finish=coordinator_pb2.FinishReason.Name(finish), completion_tokens=count,
+                     llm_tokens=llm_tokens, total_s=round(total, 3), tokens_per_s=round(stats.tokens_per_s, 2))
+            yield coordinator_pb2.GenerateResponse(request_id=request_id, final=stats)
+        except asyncio.CancelledError:
+            log.info("request_cancelled", completion_tokens=count)
+            raise
+        finally:
+            self._release_later(session)
+
+    def _release_later(self, session: Session) -> None:
+        """Free the session's KV everywhere; runs even when this request was cancelled."""
+        async def release():
+            await asyncio.gather(self.slm.release(session.session_id, session.slm),
+                                 self.llm.release(session.session_id, session.llm))
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking requests; wait (up to grace_s) for running ones to finish."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace_s
+        while self.active and loop.time() < end:
+            await asyncio.sleep(0.1)
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)

@@ -1,0 +1,58 @@
+"""One request's state and the R2R step (ARCHITECTURE.md, "One token").
+
+history x[0..n): prompt + tokens so far. The SLM replica holds KV for x[0..s), the LLM replica for
+x[0..l). Each step:
+  1. SLM extends with x[s..n) and proposes t at position n, with router features;
+  2. the router scores the features: p = P(divergent);
+  3. if p >= threshold the LLM extends with x[l..n) (a lazy catch-up prefill) and its token replaces t;
+  4. the chosen token is appended. Nothing is rolled back: KV is only ever written for fed tokens.
+A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
+the SLM's proposal is not needed and is skipped (the LLM alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from r2r_serve.coordinator.pool import Placement, RouterClient, WorkerPool
+from r2r_serve.proto import common_pb2
+
+
+@dataclass
+class StepResult:
+    token: int
+    provenance: int          # common_pb2.PROVENANCE_SLM / PROVENANCE_LLM
+    logprob: float
+    router_probability: float  # -1 when the router was not asked
+
+
+@dataclass
+class Session:
+    session_id: str
+    history: list[int]
+    prompt_len: int
+    sampling: common_pb2.SamplingParams
+    threshold: float
+    slm: Placement = field(default_factory=Placement)
+    llm: Placement = field(default_factory=Placement)
+
+    @property
+    def routes_never(self) -> bool:
+        return self.threshold > 1.0
+
+    @property
+    def routes_always(self) -> bool:
+        return self.threshold <= 0.0
+
+
+async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: WorkerPool) -> StepResult:
+    p = -1.0
+    if not s.routes_always:
+        proposal = await slm.extend(s.session_id, s.slm, s.history, s.sampling, want_features=not s.routes_never)
+        if s.routes_never:
+            return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
+        p = await router.score(proposal.features)
+        if p < s.threshold:
+            return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
+    answer = await llm.extend(s.session_id, s.llm, s.history, s.sampling, want_features=False)
+    return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p)

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code for protos/r2r/v1 (see codegen.py)."""

@@ -1,0 +1,71 @@
+"""The model worker program: `r2r worker --role slm|llm --model PATH ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from r2r_serve.common.logging import get_logger
+from r2r_serve.common.server import ServiceHandle, serve_until_signal, start_server
+from r2r_serve.proto import worker_pb2, worker_pb2_grpc
+from r2r_serve.worker.batcher import EngineBatcher
+from r2r_serve.worker.engine import EngineConfig, ModelEngine
+from r2r_serve.worker.servicer import WorkerServicer
+
+log = get_logger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", choices=["slm", "llm"], required=True)
+    p.add_argument("--model", required=True, help="local Hugging Face folder, default-pair name or hub id")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
+    p.add_argument("--max-sessions", type=int, default=256)
+    p.add_argument("--max-tokens-per-session", type=int, default=0, help="0 = the model's context length")
+    p.add_argument("--max-total-tokens", type=int, default=1_000_000, help="KV budget of this worker, in tokens")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="new tokens per forward pass")
+    p.add_argument("--features-top-k", type=int, default=100)
+    p.add_argument("--features-dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's)")
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from r2r_serve.models.registry import resolve_model
+
+    return EngineConfig(model=resolve_model(args.model), role=args.role, device=args.device, dtype=args.dtype,
+                        max_sessions=args.max_sessions, max_tokens_per_session=args.max_tokens_per_session,
+                        max_total_tokens=args.max_total_tokens, max_batch_tokens=args.max_batch_tokens,
+                        features_top_k=args.features_top_k, features_dtype=args.features_dtype,
+                        threads=args.threads, attn_implementation=args.attn_implementation)
+
+
+async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int = 0) -> ServiceHandle:
+    """Load, warm up and serve; health turns SERVING only after the warm-up forward."""
+    engine = ModelEngine(config)
+    await asyncio.get_running_loop().run_in_executor(None, engine.load)
+    batcher = EngineBatcher(engine)
+    batcher.start()
+    servicer = WorkerServicer(engine, batcher)
+
+    def register(server):
+        worker_pb2_grpc.add_ModelWorkerServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    handle = await start_server(register, host=host, port=port)
+    handle.on_stop.append(batcher.close)
+    await batcher.call(engine.warmup)
+    await handle.set_serving(True)
+    handle.servicer = servicer
+    log.info("listening", role=config.role, port=handle.port, host=host)
+    return handle
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    handle = await start_worker(config_from_args(args), args.host, args.port)
+    print(f"{args.role} worker listening on {args.host}:{handle.port}", flush=True)
+    await serve_until_signal(handle)

@@ -1,0 +1,71 @@
+"""Worker-side continuous batching: requests that arrive while a forward runs are merged into the next one.
+
+The coordinator already batches per replica; this merges what several streams (coordinators, tools)
+send at once, and serialises every touch of the engine on one thread, so KV state has a single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from r2r_serve.worker.engine import ExtendOutcome, ExtendWork, ModelEngine
+
+
+class EngineBatcher:
+    def __init__(self, engine: ModelEngine):
+        self.engine = engine
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._pending: list[tuple[list[ExtendWork], asyncio.Future]] = []
+        self._wakeup = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self.inflight_items = 0
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._runner:
+            self._runner.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def extend(self, works: list[ExtendWork]) -> list[ExtendOutcome]:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((works, fut))
+        self.inflight_items += len(works)
+        self._wakeup.set()
+        try:
+            return await fut
+        finally:
+            self.inflight_items -= len(works)
+
+    async def call(self, fn, *args):
+        """Run fn on the engine thread, after the forward in progress."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                taken, deferred, sessions = [], [], set()
+                for works, fut in self._pending:
+                    ids = {w.session_id for w in works}
+                    # A session's second request must see the first one's KV: run it in the next forward.
+                    (deferred if ids & sessions else taken).append((works, fut))
+                    if not ids & sessions:
+                        sessions |= ids
+                self._pending = deferred
+                merged = [w for works, _ in taken for w in works]
+                try:
+                    outcomes = await self.call(self.engine.extend, merged)
+                except Exception as exc:  # a bug or a device error: fail these requests, keep serving
+                    for _, fut in taken:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                start = 0
+                for works, fut in taken:
+                    if not fut.done():
+                        fut.set_result(outcomes[start: start + len(works)])
+                    start += len(works)
