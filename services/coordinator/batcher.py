@@ -46,6 +46,7 @@ class StreamBatcher(Generic[Item, Result]):
         self._task: asyncio.Task | None = None
         self.batches_sent = 0
         self.items_sent = 0
+        self.largest_batch = 0
         self.healthy = True
 
     @property
@@ -127,4 +128,5 @@ class StreamBatcher(Generic[Item, Result]):
             raise BatchRejected(f"{self.name}: {response.error}")
         self.batches_sent += 1
         self.items_sent += len(items)
+        self.largest_batch = max(self.largest_batch, len(items))
         return self._split_response(response)

@@ -1,0 +1,252 @@
+"""The `r2r` command: serve locally, generate, or run one service (for separate nodes)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub unless the user asks
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _run_async(coro) -> int:
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ---- single services ---------------------------------------------------------------------------
+def cmd_worker(args) -> int:
+    from r2r_serve.common.logging import configure_logging
+    from r2r_serve.worker.app import run_worker
+
+    configure_logging(f"worker-{args.role}")
+    return _run_async(run_worker(args))
+
+
+def cmd_router(args) -> int:
+    from r2r_serve.common.logging import configure_logging
+    from r2r_serve.router.app import run_router
+
+    configure_logging("router")
+    return _run_async(run_router(args))
+
+
+def cmd_coordinator(args) -> int:
+    from r2r_serve.common.logging import configure_logging
+    from r2r_serve.coordinator.app import run_coordinator
+
+    configure_logging("coordinator")
+    return _run_async(run_coordinator(args))
+
+
+# ---- local serving -----------------------------------------------------------------------------
+def _auto_dtype(device: str) -> str:
+    # GPUs: bf16. This CPU has no bf16 matrix units: multi-token forwards (prompts, LLM catch-up) are
+    # 4-5x slower in bf16 than fp32 (shared/MODELS.md), so fp32 is the safe default there.
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def _resolve_pair(args) -> tuple[str, str]:
+    if args.tiny:
+        from r2r_serve.testing.tiny import build_tiny_pair
+
+        paths = build_tiny_pair(args.tiny)
+        return str(paths["slm"]), str(paths["llm"])
+    if args.slm and args.llm:
+        return args.slm, args.llm
+    from r2r_serve.models.registry import ModelNotPreparedError, default_pair
+
+    try:
+        slm, llm = default_pair()
+    except ModelNotPreparedError:
+        print("The default model pair is not prepared yet; preparing it now (one time, several minutes).",
+              file=sys.stderr, flush=True)
+        from r2r_serve.models.prepare import main as prepare_main
+
+        if prepare_main([]) != 0:
+            raise SystemExit("model preparation failed (see above)")
+        slm, llm = default_pair()
+    return args.slm or slm, args.llm or llm
+
+
+def cmd_serve(args) -> int:
+    from r2r_serve.launcher import LocalCluster
+
+    slm, llm = _resolve_pair(args)
+    slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else _auto_dtype(args.device)
+    llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else _auto_dtype(args.device)
+    cluster = LocalCluster(args.log_dir)
+    print(f"logs: {cluster.log_dir}", flush=True)
+    try:
+        common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+        print(f"starting SLM worker ({slm}, {slm_dtype}) ...", flush=True)
+        slm_ep = cluster.start("slm", ["worker", "--role", "slm", "--model", slm, "--dtype", slm_dtype, *common])
+        print(f"starting LLM worker ({llm}, {llm_dtype}) ...", flush=True)
+        llm_ep = cluster.start("llm", ["worker", "--role", "llm", "--model", llm, "--dtype", llm_dtype, *common])
+        router_args = ["router", "--strategy", args.router_strategy]
+        if args.router_checkpoint:
+            router_args += ["--checkpoint", args.router_checkpoint]
+        router_ep = cluster.start("router", router_args)
+        coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep]
+        if args.threshold is not None:
+            coord_args += ["--threshold", str(args.threshold)]
+        coord_ep = cluster.start("coordinator", coord_args, port=args.port)
+        print(f"R2R coordinator listening on {coord_ep}  (slm {slm_ep}, llm {llm_ep}, router {router_ep})",
+              flush=True)
+        if args.prompt:
+            return _generate(coord_ep, args.prompt, args)
+        print("Ctrl-C to stop. Try: r2r generate \"Write a Python function that reverses a string\"", flush=True)
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while (dead := cluster.check_alive()) is None:
+            time.sleep(1.0)
+        print(f"{dead.name} exited (code {dead.process.returncode}); see {dead.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping services ...", file=sys.stderr, flush=True)
+        cluster.stop()
+
+
+# ---- client ------------------------------------------------------------------------------------
+def _generate(target: str, prompt: str, args) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from r2r_client import R2RClient, R2RError
+
+    console = Console(highlight=False, force_terminal=None if args.color == "auto" else args.color == "always",
+                      no_color=args.color == "never")
+    mark_llm = args.color == "never" or not console.is_terminal
+    messages = prompt if args.raw else [{"role": "user", "content": prompt}]
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop or (), threshold=args.threshold)
+    with R2RClient(target, wait_for_ready=True) as client:
+        try:
+            stream = client.stream(messages, timeout=args.timeout, **params)
+            tokens = []
+            for tok in stream:
+                tokens.append(tok)
+                if args.json:
+                    continue
+                if tok.source == "llm":
+                    console.print(Text(f"«{tok.text}»" if mark_llm else tok.text, style="bold magenta"), end="")
+                else:
+                    console.print(Text(tok.text), end="")
+        except R2RError as exc:
+            console.print(f"\nerror ({exc.code.name}): {exc.details}", style="red")
+            return 2
+    s = stream.stats
+    if args.json:
+        print(json.dumps({"text": stream.text, "token_ids": [t.token_id for t in tokens],
+                          "sources": [t.source for t in tokens], "stats": vars(s)}))
+        return 0
+    console.print(Text(s.text_tail), end="")
+    legend = "«…» = written by the LLM" if mark_llm else "magenta = written by the LLM"
+    console.print(f"\n\n— {s.completion_tokens} tokens · LLM wrote {100 * s.llm_share:.1f}% ({s.llm_tokens}) · "
+                  f"{s.tokens_per_s:.2f} tok/s · TTFT {s.time_to_first_token_s:.2f} s · finish: {s.finish_reason} "
+                  f"· {legend}", style="dim")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    return _generate(args.target, args.prompt, args)
+
+
+def cmd_models(args) -> int:
+    from r2r_serve.models.prepare import main as prepare_main
+
+    return prepare_main(args.rest)
+
+
+def cmd_make_tiny_models(args) -> int:
+    from r2r_serve.testing.tiny import build_tiny_pair
+
+    for name, path in build_tiny_pair(args.out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--threshold", type=float, default=None, help="router threshold (default: the server's)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from r2r_serve.coordinator.app import add_coordinator_args
+    from r2r_serve.router.app import add_router_args
+    from r2r_serve.worker.app import add_worker_args
+
+    parser = argparse.ArgumentParser(prog="r2r", description="R2R small/large model token routing over gRPC")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run SLM worker, LLM worker, router and coordinator locally")
+    p.add_argument("--slm", help="SLM folder or id (default: the prepared default pair)")
+    p.add_argument("--llm", help="LLM folder or id (default: the prepared default pair)")
+    p.add_argument("--tiny", metavar="DIR", help="build (once) and serve tiny random test models from DIR")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--slm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--llm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
+    p.add_argument("--router-strategy", default="auto", choices=["auto", "neural", "entropy", "top1"])
+    p.add_argument("--router-checkpoint")
+    p.add_argument("--port", type=int, default=50051, help="coordinator port")
+    p.add_argument("--log-dir", help="where service logs go (default: a new temp folder)")
+    p.add_argument("--prompt", help="answer this prompt, then stop the services")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="stream an answer from a running coordinator")
+    p.add_argument("prompt")
+    p.add_argument("--target", default=os.environ.get("R2R_TARGET", "127.0.0.1:50051"), help="coordinator HOST:PORT")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("worker", help="run one model worker (SLM or LLM role)")
+    add_worker_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("router", help="run the router service")
+    add_router_args(p)
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("coordinator", help="run the coordinator (the public API)")
+    add_coordinator_args(p)
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("models", help="prepare the default model pair: r2r models prepare [--cache-dir D]")
+    p.add_argument("action", choices=["prepare"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("make-tiny-models", help="write a tiny random SLM/LLM pair (tests, demos)")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_make_tiny_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Waiting on a peer's grpc.health.v1 status (used by the local launcher and tests)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def wait_serving(endpoint: str, timeout_s: float, alive=lambda: True, service: str = "") -> None:
+    """Block until `endpoint` reports SERVING; raise TimeoutError, or RuntimeError when alive() turns false."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if not alive():
+                raise RuntimeError(f"the process serving {endpoint} exited before it was ready")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{endpoint} was not SERVING after {timeout_s:.0f}s")
+            time.sleep(0.25)
