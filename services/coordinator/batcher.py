@@ -111,7 +111,8 @@ class StreamBatcher(Generic[Item, Result]):
                     raise ConnectionError("stream closed by peer")
                 self.healthy = True
                 break
-            except (grpc.aio.AioRpcError, ConnectionError, grpc.aio.UsageError) as exc:
+            except (grpc.aio.AioRpcError, ConnectionError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                # InvalidStateError: the call already ended (e.g. the peer closed the connection while idle)
                 self.healthy = False
                 if self._call is not None:
                     self._call.cancel()

@@ -160,9 +160,18 @@ class ModelEngine:
                 self.kv.get(w.session_id).crop(w.position)
             runnable.append(i)
 
-        runnable = self._admit(works, runnable, outcomes)
-        for chunk in self._chunks(works, runnable):
-            self._run_chunk(works, chunk, outcomes)
+        # Admit what fits the KV budget, run it, then the rest: a batch bigger than the budget degrades to
+        # several forwards (sessions evicted in between are rebuilt by their owner), never to errors.
+        while runnable:
+            admitted, runnable = self._admit(works, runnable, outcomes)
+            for chunk in self._chunks(works, admitted):
+                self._run_chunk(works, chunk, outcomes)
+            for i in runnable:  # deferred items whose KV was evicted meanwhile must be re-sent whole
+                w = works[i]
+                if self.kv.held(w.session_id) < w.position:
+                    outcomes[i] = ExtendOutcome(w.session_id, RESYNC, self.kv.held(w.session_id),
+                                                error="evicted while waiting for KV room")
+            runnable = [i for i in runnable if i not in outcomes]
         return [outcomes[i] for i in range(len(works))]
 
     def _check(self, w: ExtendWork, seen: set[str]) -> str | None:
@@ -180,24 +189,29 @@ class ModelEngine:
                     f"the model's context is {self.max_context}")
         return validate(w.sampling)
 
-    def _admit(self, works, runnable, outcomes) -> list[int]:
-        """Make KV room for the batch, evicting idle sessions; refuse what cannot fit."""
+    def _admit(self, works, runnable, outcomes) -> tuple[list[int], list[int]]:
+        """Split `runnable` into what fits the KV budget now (room made by evicting idle sessions) and
+        what must wait for the next forward. An item that cannot fit even alone is refused."""
         growth = {works[i].session_id: len(works[i].tokens) for i in runnable}
         try:
             self.kv.make_room(growth)
-            return runnable
+            return runnable, []
         except CapacityError:
             pass
-        admitted = []
-        for i in runnable:  # admit one by one; the rest are refused with the reason
+        admitted, deferred, room = [], [], {}
+        for i in runnable:
             w = works[i]
             try:
-                self.kv.make_room({**{works[j].session_id: len(works[j].tokens) for j in admitted},
-                                   w.session_id: len(w.tokens)})
-                admitted.append(i)
+                self.kv.make_room({**room, w.session_id: len(w.tokens)})
             except CapacityError as exc:
+                if admitted:
+                    deferred.append(i)
+                    continue
                 outcomes[i] = ExtendOutcome(w.session_id, OVER_CAPACITY, self.kv.held(w.session_id), error=str(exc))
-        return admitted
+                continue
+            admitted.append(i)
+            room[w.session_id] = len(w.tokens)
+        return admitted, deferred
 
     def _chunks(self, works, runnable):
         chunk, tokens = [], 0

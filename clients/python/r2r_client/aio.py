@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from r2r_client.errors import from_rpc_error
+import asyncio
+
+from r2r_client.errors import Cancelled, from_rpc_error
 from r2r_client.types import Prompt, Result, Stats, Token, build_request, stats_from_proto, token_from_proto
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
 
@@ -21,12 +23,14 @@ class AsyncStream:
         self.request_id = ""
         self.stats: Stats | None = None
         self._parts: list[str] = []
+        self._cancelled = False
 
     @property
     def text(self) -> str:
         return "".join(self._parts)
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     def __aiter__(self):
@@ -45,6 +49,10 @@ class AsyncStream:
                     self._parts.append(self.stats.text_tail)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            if self._cancelled:  # our own cancel(): a typed error, not a task cancellation
+                raise Cancelled("the request was cancelled by this client") from None
+            raise
 
 
 class AsyncR2RClient:
@@ -85,3 +93,7 @@ class AsyncR2RClient:
                                                   wait_for_ready=self._wait_for_ready)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            if self._cancelled:  # our own cancel(): a typed error, not a task cancellation
+                raise Cancelled("the request was cancelled by this client") from None
+            raise
