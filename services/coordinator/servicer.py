@@ -100,7 +100,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             except _Rejected as exc:
                 log.info("request_rejected", reason=str(exc))
                 await context.abort(exc.code, str(exc))
-            self.active += 1
             try:
                 async for response in self._generate(request_id, request, context):
                     yield response
@@ -119,12 +118,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 self.active -= 1
 
     async def _admit(self) -> None:
+        """Take a slot or refuse at once; on success the caller owns one unit of `self.active`."""
         if not self.accepting:
             raise _Rejected(grpc.StatusCode.UNAVAILABLE, "the coordinator is draining; retry on another replica")
-        if self.active >= self.settings.max_concurrent_sessions:
-            raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"the server is at its limit of {self.settings.max_concurrent_sessions} concurrent "
-                            "requests; retry later")
         if self.throttler is not None:
             try:  # wait briefly for a slot in the rate window, never queue without bound
                 async with asyncio.timeout(0.05):
@@ -133,6 +129,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"more than {self.settings.max_new_sessions_per_s:g} new requests per second; "
                                 "retry later") from None
+        # No await between this check and the increment: concurrent requests cannot both take the last slot.
+        if self.active >= self.settings.max_concurrent_sessions:
+            raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the server is at its limit of {self.settings.max_concurrent_sessions} concurrent "
+                            "requests; retry later")
+        self.active += 1
 
     async def _generate(self, request_id: str, req, context):
         started = time.perf_counter()

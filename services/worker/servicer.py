@@ -77,11 +77,14 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
             try:
                 async for req in request_iterator:
                     pending += 1
-                    asyncio.create_task(answer(req))
+                    task = asyncio.create_task(answer(req))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
             finally:
                 reading = False
                 await done.put(None)
 
+        answering: set[asyncio.Task] = set()  # strong references: the loop only keeps weak ones
         reader = asyncio.create_task(read())
         try:
             while reading or pending:
@@ -92,6 +95,8 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 yield item
         finally:
             reader.cancel()
+            for task in answering:
+                task.cancel()
 
     async def Release(self, request, context):
         released = await self.batcher.call(self.engine.release, list(request.session_ids))
