@@ -37,6 +37,14 @@ def cmd_router(args) -> int:
     return _run_async(run_router(args))
 
 
+def cmd_gateway(args) -> int:
+    from r2r_serve.common.logging import configure_logging
+    from r2r_serve.gateway.app import run_gateway
+
+    configure_logging("gateway")
+    return _run_async(run_gateway(args))
+
+
 def cmd_coordinator(args) -> int:
     from r2r_serve.common.logging import configure_logging
     from r2r_serve.coordinator.app import run_coordinator
@@ -85,10 +93,15 @@ def cmd_serve(args) -> int:
     print(f"logs: {cluster.log_dir}", flush=True)
     try:
         common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-        print(f"starting SLM worker ({slm}, {slm_dtype}) ...", flush=True)
-        slm_ep = cluster.start("slm", ["worker", "--role", "slm", "--model", slm, "--dtype", slm_dtype, *common])
-        print(f"starting LLM worker ({llm}, {llm_dtype}) ...", flush=True)
-        llm_ep = cluster.start("llm", ["worker", "--role", "llm", "--model", llm, "--dtype", llm_dtype, *common])
+        slm_eps, llm_eps = [], []
+        for role, model, dtype, count, eps in (("slm", slm, slm_dtype, args.slm_replicas, slm_eps),
+                                               ("llm", llm, llm_dtype, args.llm_replicas, llm_eps)):
+            for i in range(count):
+                name = role if count == 1 else f"{role}-{i}"
+                print(f"starting {name} worker ({model}, {dtype}) ...", flush=True)
+                eps.append(cluster.start(name, ["worker", "--role", role, "--model", model, "--dtype", dtype,
+                                                *common]))
+        slm_ep, llm_ep = ",".join(slm_eps), ",".join(llm_eps)
         router_args = ["router", "--strategy", args.router_strategy]
         if args.router_checkpoint:
             router_args += ["--checkpoint", args.router_checkpoint]
@@ -99,6 +112,12 @@ def cmd_serve(args) -> int:
         coord_ep = cluster.start("coordinator", coord_args, port=args.port)
         print(f"R2R coordinator listening on {coord_ep}  (slm {slm_ep}, llm {llm_ep}, router {router_ep})",
               flush=True)
+        if args.gateway_port:
+            from r2r_serve.gateway.app import wait_http_healthy
+
+            gw = cluster.start("gateway", ["gateway", "--coordinator", coord_ep], port=args.gateway_port,
+                               ready=lambda ep, t, alive: wait_http_healthy(f"http://{ep}/health", t, alive))
+            print(f"OpenAI-compatible gateway on http://{gw}/v1", flush=True)
         if args.prompt:
             return _generate(coord_ep, args.prompt, args)
         print("Ctrl-C to stop. Try: r2r generate \"Write a Python function that reverses a string\"", flush=True)
@@ -192,6 +211,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from r2r_serve.coordinator.app import add_coordinator_args
+    from r2r_serve.gateway.app import add_gateway_args
     from r2r_serve.router.app import add_router_args
     from r2r_serve.worker.app import add_worker_args
 
@@ -206,9 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
     p.add_argument("--llm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
+    p.add_argument("--slm-replicas", type=int, default=1, help="SLM worker processes")
+    p.add_argument("--llm-replicas", type=int, default=1, help="LLM worker processes")
     p.add_argument("--router-strategy", default="auto", choices=["auto", "neural", "entropy", "top1"])
     p.add_argument("--router-checkpoint")
     p.add_argument("--port", type=int, default=50051, help="coordinator port")
+    p.add_argument("--gateway-port", type=int, default=0, help="also start the OpenAI-compatible gateway (0 = no)")
     p.add_argument("--log-dir", help="where service logs go (default: a new temp folder)")
     p.add_argument("--prompt", help="answer this prompt, then stop the services")
     _add_generation_args(p)
@@ -231,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="run the coordinator (the public API)")
     add_coordinator_args(p)
     p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway in front of a coordinator")
+    add_gateway_args(p)
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("models", help="prepare the default model pair: r2r models prepare [--cache-dir D]")
     p.add_argument("action", choices=["prepare"])

@@ -41,7 +41,10 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
 
-    def start(self, name: str, args: list[str], port: int | None = None, ready_timeout_s: float = 900.0) -> str:
+    def start(self, name: str, args: list[str], port: int | None = None, ready_timeout_s: float = 900.0,
+              ready=wait_serving) -> str:
+        """Start `r2r ARGS --host H --port P`; return HOST:PORT once `ready(endpoint, timeout, alive)` passes
+        (by default grpc.health SERVING)."""
         port = port or free_port(self.host)
         endpoint = f"{self.host}:{port}"
         log_path = self.log_dir / f"{name}.log"
@@ -53,7 +56,7 @@ class LocalCluster:
         child = Child(name, endpoint, proc, log_path)
         self.children.append(child)
         try:
-            wait_serving(endpoint, ready_timeout_s, alive=lambda: proc.poll() is None)
+            ready(endpoint, ready_timeout_s, alive=lambda: proc.poll() is None)
         except (RuntimeError, TimeoutError) as exc:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{name} failed to start: {exc}\n--- last lines of {log_path} ---\n{tail}") from None

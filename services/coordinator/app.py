@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common.metrics import start_metrics_server
 from r2r_serve.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHandle, serve_until_signal, start_server
 from r2r_serve.common.tokenizer import fingerprint, load_tokenizer_from_files
 from r2r_serve.coordinator.pool import RouterClient, WorkerPool
@@ -22,8 +23,9 @@ class PairMismatch(RuntimeError):
 
 
 def add_coordinator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slm", required=True, help="SLM worker endpoints, HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--llm", required=True, help="LLM worker endpoints, HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--slm", required=True,
+                   help="SLM workers: HOST:PORT[,HOST:PORT...] or dns:///NAME:PORT (every address of NAME)")
+    p.add_argument("--llm", required=True, help="LLM workers, same forms as --slm")
     p.add_argument("--router", required=True, help="router endpoint HOST:PORT")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
@@ -35,13 +37,19 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--connect-timeout-s", type=float, default=600.0, help="wait this long for workers at start-up")
     p.add_argument("--drain-s", type=float, default=30.0)
+    p.add_argument("--router-fallback", choices=["llm", "slm", "fail"], default="llm",
+                   help="when the router is unreachable: route to the LLM (keep quality), keep the SLM's "
+                        "token (keep speed) or fail the request")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--dns-refresh-s", type=float, default=10.0, help="re-resolve dns:/// endpoints this often")
 
 
 def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
     return CoordinatorSettings(max_concurrent_sessions=args.max_concurrent_sessions,
                                max_new_sessions_per_s=args.max_new_sessions_per_s,
                                max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                               default_max_tokens=args.default_max_tokens, default_threshold=args.threshold)
+                               default_max_tokens=args.default_max_tokens, default_threshold=args.threshold,
+                               router_fallback=args.router_fallback)
 
 
 def check_pair(slm: worker_pb2.WorkerInfo, llm: worker_pb2.WorkerInfo, router_info) -> None:
@@ -62,16 +70,12 @@ def check_pair(slm: worker_pb2.WorkerInfo, llm: worker_pb2.WorkerInfo, router_in
                            f"(tokenizer {slm.tokenizer_fingerprint})")
 
 
-def _split(endpoints: str) -> list[str]:
-    return [e.strip() for e in endpoints.split(",") if e.strip()]
-
-
 async def start_coordinator(slm: str | list[str], llm: str | list[str], router: str,
                             settings: CoordinatorSettings | None = None, host: str = "127.0.0.1", port: int = 0,
-                            connect_timeout_s: float = 600.0) -> ServiceHandle:
+                            connect_timeout_s: float = 600.0, dns_refresh_s: float = 10.0) -> ServiceHandle:
     settings = settings or CoordinatorSettings()
-    slm_pool = WorkerPool("slm", _split(slm) if isinstance(slm, str) else slm, DEFAULT_MAX_MESSAGE_BYTES)
-    llm_pool = WorkerPool("llm", _split(llm) if isinstance(llm, str) else llm, DEFAULT_MAX_MESSAGE_BYTES)
+    slm_pool = WorkerPool("slm", slm, DEFAULT_MAX_MESSAGE_BYTES, refresh_s=dns_refresh_s)
+    llm_pool = WorkerPool("llm", llm, DEFAULT_MAX_MESSAGE_BYTES, refresh_s=dns_refresh_s)
     router_client = RouterClient(router, DEFAULT_MAX_MESSAGE_BYTES)
     try:
         await asyncio.gather(slm_pool.connect(connect_timeout_s), llm_pool.connect(connect_timeout_s),
@@ -94,6 +98,7 @@ async def start_coordinator(slm: str | list[str], llm: str | list[str], router: 
     handle = await start_server(register, host=host, port=port)
 
     async def close_clients():
+        await servicer.flush_releases()  # requests cut by the stop scheduled releases: send them first
         await asyncio.gather(slm_pool.close(), llm_pool.close(), router_client.close())
 
     handle.on_stop.append(close_clients)
@@ -105,8 +110,9 @@ async def start_coordinator(slm: str | list[str], llm: str | list[str], router: 
 
 
 async def run_coordinator(args: argparse.Namespace) -> None:
+    start_metrics_server(args.metrics_port)
     handle = await start_coordinator(args.slm, args.llm, args.router, settings_from_args(args), args.host, args.port,
-                                     args.connect_timeout_s)
+                                     args.connect_timeout_s, args.dns_refresh_s)
     print(f"coordinator listening on {args.host}:{handle.port}", flush=True)
 
     handle.before_stop.append(lambda: handle.servicer.drain(args.drain_s))

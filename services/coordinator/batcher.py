@@ -13,6 +13,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 import grpc
 
+from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -32,7 +33,7 @@ class BatchRejected(Exception):
 class StreamBatcher(Generic[Item, Result]):
     def __init__(self, name: str, open_stream: Callable[[], grpc.aio.StreamStreamCall],
                  make_request: Callable[[int, list[Item]], Any], split_response: Callable[[Any], list[Result]],
-                 max_batch: int = 256, reconnect_timeout_s: float = 30.0):
+                 max_batch: int = 256, reconnect_timeout_s: float = 30.0, pool: str = ""):
         self.name = name
         self._open_stream = open_stream
         self._make_request = make_request
@@ -40,6 +41,7 @@ class StreamBatcher(Generic[Item, Result]):
         self.max_batch = max_batch
         self.reconnect_timeout_s = reconnect_timeout_s
         self._queue: list[tuple[Item, asyncio.Future]] = []
+        self._inflight: list[tuple[Item, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._ids = itertools.count(1)
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -48,6 +50,8 @@ class StreamBatcher(Generic[Item, Result]):
         self.items_sent = 0
         self.largest_batch = 0
         self.healthy = True
+        self._depth_gauge = metrics.POOL_QUEUE_DEPTH.labels(pool or name)
+        self._batch_hist = metrics.POOL_BATCH_SIZE.labels(pool or name)
 
     @property
     def queue_depth(self) -> int:
@@ -57,6 +61,7 @@ class StreamBatcher(Generic[Item, Result]):
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def close(self) -> None:
+        stranded = [*self._inflight, *self._queue]  # before the cancelled loop forgets its batch
         if self._task:
             self._task.cancel()
             try:
@@ -65,13 +70,17 @@ class StreamBatcher(Generic[Item, Result]):
                 pass
         if self._call is not None:
             self._call.cancel()
-        for _, fut in self._queue:
+        # Callers of the batch in flight and of queued items must not wait forever: they move elsewhere.
+        for _, fut in stranded + self._queue:
             if not fut.done():
-                fut.set_exception(PeerUnavailable(f"{self.name}: batcher closed"))
+                fut.set_exception(PeerUnavailable(f"{self.name}: closed"))
+        self._depth_gauge.dec(len(self._queue))
+        self._inflight, self._queue = [], []
 
     async def submit(self, item: Item) -> Result:
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
+        self._depth_gauge.inc()
         self._wakeup.set()
         return await fut
 
@@ -81,10 +90,12 @@ class StreamBatcher(Generic[Item, Result]):
             self._wakeup.clear()
             while self._queue:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                self._depth_gauge.dec(len(batch))
                 # Callers that went away (cancelled) need no answer.
                 batch = [(item, fut) for item, fut in batch if not fut.done()]
                 if not batch:
                     continue
+                self._inflight = batch
                 try:
                     results = await self._send([item for item, _ in batch])
                 except Exception as exc:
@@ -92,6 +103,8 @@ class StreamBatcher(Generic[Item, Result]):
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
+                finally:
+                    self._inflight = []
                 for (_, fut), result in zip(batch, results):
                     if not fut.done():
                         fut.set_result(result)
@@ -130,4 +143,5 @@ class StreamBatcher(Generic[Item, Result]):
         self.batches_sent += 1
         self.items_sent += len(items)
         self.largest_batch = max(self.largest_batch, len(items))
+        self._batch_hist.observe(len(items))
         return self._split_response(response)

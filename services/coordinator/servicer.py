@@ -12,6 +12,7 @@ import structlog
 from asyncio_throttle import Throttler
 
 from r2r_serve import __version__
+from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
 from r2r_serve.coordinator.batcher import BatchRejected, PeerUnavailable
 from r2r_serve.coordinator.detokenizer import StreamingDetokenizer
@@ -31,6 +32,7 @@ class CoordinatorSettings:
     max_new_tokens: int = 4096
     default_max_tokens: int = 256
     default_threshold: float | None = None  # None = the router's own default
+    router_fallback: str = "llm"            # when the router is unreachable: llm | slm | fail
 
 
 class _Rejected(Exception):
@@ -99,23 +101,33 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 await self._admit()
             except _Rejected as exc:
                 log.info("request_rejected", reason=str(exc))
+                metrics.REQUESTS.labels("rejected").inc()
                 await context.abort(exc.code, str(exc))
+            metrics.ACTIVE_SESSIONS.inc()
+            outcome = "cancelled"  # unless the loop ends otherwise: a cancellation raises past every handler
             try:
                 async for response in self._generate(request_id, request, context):
                     yield response
+                outcome = "finished"
             except ValueError as exc:
+                outcome = "invalid"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except TimeoutError:
+                outcome = "deadline"
                 log.info("request_deadline_exceeded")
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's timeout expired")
             except ExtendFailed as exc:
+                outcome = "over_capacity" if exc.over_capacity else "error"
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.over_capacity else grpc.StatusCode.INTERNAL
                 await context.abort(code, str(exc))
             except (PeerUnavailable, BatchRejected) as exc:
+                outcome = "unavailable"
                 log.warning("request_failed", error=str(exc))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:
                 self.active -= 1
+                metrics.ACTIVE_SESSIONS.dec()
+                metrics.REQUESTS.labels(outcome).inc()
 
     async def _admit(self) -> None:
         """Take a slot or refuse at once; on success the caller owns one unit of `self.active`."""
@@ -150,31 +162,42 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         stop_ids = set(req.stop_token_ids)
         eos = set() if req.ignore_eos else self.eos_token_ids
         finish, ttft, llm_tokens, count = coordinator_pb2.FINISH_REASON_LENGTH, 0.0, 0, 0
+        last_token_at = started
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.timeout_ms / 1000 if req.timeout_ms else None
         try:
-            async with asyncio.timeout_at(deadline):
-                while count < budget:
-                    step = await r2r_step(session, self.slm, self.router, self.llm)
-                    if step.token in eos:
-                        finish = coordinator_pb2.FINISH_REASON_EOS
-                        break
-                    if step.token in stop_ids:
-                        finish = coordinator_pb2.FINISH_REASON_STOP
-                        break
-                    session.history.append(step.token)
-                    text = detok.add(step.token)
-                    if count == 0:
-                        ttft = time.perf_counter() - started
-                    llm_tokens += step.provenance == common_pb2.PROVENANCE_LLM
-                    yield coordinator_pb2.GenerateResponse(request_id=request_id, token=coordinator_pb2.TokenEvent(
-                        index=count, token_id=step.token, text=text, provenance=step.provenance,
-                        logprob=step.logprob if req.logprobs else 0.0, router_probability=step.router_probability))
-                    count += 1
-                    if detok.stopped_by is not None:
-                        finish = coordinator_pb2.FINISH_REASON_STOP
-                        break
+            while count < budget:
+                # The deadline bounds each step, never a `yield`: a timeout that fired while the consumer
+                # holds the generator would cancel gRPC's own write instead of this loop.
+                async with asyncio.timeout_at(deadline):
+                    step = await r2r_step(session, self.slm, self.router, self.llm, self.settings.router_fallback)
+                if step.token in eos:
+                    finish = coordinator_pb2.FINISH_REASON_EOS
+                    break
+                if step.token in stop_ids:
+                    finish = coordinator_pb2.FINISH_REASON_STOP
+                    break
+                session.history.append(step.token)
+                text = detok.add(step.token)
+                now = time.perf_counter()
+                if count == 0:
+                    ttft = now - started
+                    metrics.TTFT.observe(ttft)
+                else:
+                    metrics.ITL.observe(now - last_token_at)
+                last_token_at = now
+                is_llm = step.provenance == common_pb2.PROVENANCE_LLM
+                llm_tokens += is_llm
+                metrics.TOKENS.labels("llm" if is_llm else "slm").inc()
+                yield coordinator_pb2.GenerateResponse(request_id=request_id, token=coordinator_pb2.TokenEvent(
+                    index=count, token_id=step.token, text=text, provenance=step.provenance,
+                    logprob=step.logprob if req.logprobs else 0.0, router_probability=step.router_probability))
+                count += 1
+                if detok.stopped_by is not None:
+                    finish = coordinator_pb2.FINISH_REASON_STOP
+                    break
             total = time.perf_counter() - started
+            metrics.REQUEST_SECONDS.observe(total)
             stats = coordinator_pb2.GenerationStats(
                 finish_reason=finish, prompt_tokens=len(ids), completion_tokens=count, llm_tokens=llm_tokens,
                 llm_share=llm_tokens / count if count else 0.0, time_to_first_token_s=ttft, total_s=total,
@@ -205,5 +228,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         end = loop.time() + grace_s
         while self.active and loop.time() < end:
             await asyncio.sleep(0.1)
+        await self.flush_releases()
+
+    async def flush_releases(self, timeout_s: float = 5.0) -> None:
+        """Wait for pending KV releases, so stopping never strands KV on the workers."""
         if self._background:
-            await asyncio.wait(self._background, timeout=5)
+            await asyncio.wait(set(self._background), timeout=timeout_s)

@@ -7,13 +7,16 @@ x[0..l). Each step:
   3. if p >= threshold the LLM extends with x[l..n) (a lazy catch-up prefill) and its token replaces t;
   4. the chosen token is appended. Nothing is rolled back: KV is only ever written for fed tokens.
 A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
-the SLM's proposal is not needed and is skipped (the LLM alone).
+the SLM's proposal is not needed and is skipped (the LLM alone). When the router cannot be reached the
+coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from r2r_serve.common import metrics
+from r2r_serve.coordinator.batcher import PeerUnavailable
 from r2r_serve.coordinator.pool import Placement, RouterClient, WorkerPool
 from r2r_serve.proto import common_pb2
 
@@ -45,14 +48,24 @@ class Session:
         return self.threshold <= 0.0
 
 
-async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: WorkerPool) -> StepResult:
+async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: WorkerPool,
+                   router_fallback: str = "llm") -> StepResult:
     p = -1.0
     if not s.routes_always:
         proposal = await slm.extend(s.session_id, s.slm, s.history, s.sampling, want_features=not s.routes_never)
         if s.routes_never:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
-        p = await router.score(proposal.features)
-        if p < s.threshold:
+        try:
+            p = await router.score(proposal.features)
+            metrics.ROUTER_PROBABILITY.observe(p)
+            to_llm = p >= s.threshold
+        except PeerUnavailable:
+            if router_fallback == "fail":
+                raise
+            metrics.ROUTER_FALLBACKS.labels(router_fallback).inc()
+            to_llm = router_fallback == "llm"
+        if not to_llm:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
+    metrics.LLM_CATCHUP_TOKENS.observe(len(s.history) - (s.llm.cursor if s.llm.replica else 0))
     answer = await llm.extend(s.session_id, s.llm, s.history, s.sampling, want_features=False)
     return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p)

@@ -10,6 +10,7 @@ import grpc
 import torch
 
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common.metrics import start_metrics_server
 from r2r_serve.common.server import ServiceHandle, serve_until_signal, start_server
 from r2r_serve.proto import router_pb2_grpc
 from r2r_serve.router.features import FeatureBatch
@@ -29,6 +30,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 = any free port")
     parser.add_argument("--device", default="cpu", help="torch device for the neural router")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     return parser
 
 
@@ -64,6 +66,7 @@ async def start_router(strategy_name: str = "auto", checkpoint: str | None = Non
 
 
 async def run_router(args: argparse.Namespace) -> None:
+    start_metrics_server(args.metrics_port)
     handle = await start_router(args.strategy, args.checkpoint, host=args.host, port=args.port, device=args.device)
     log.info("listening", host=args.host, port=handle.port)
     await serve_until_signal(handle)

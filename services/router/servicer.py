@@ -12,6 +12,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common import metrics
 from r2r_serve.proto import common_pb2, router_pb2, router_pb2_grpc
 from r2r_serve.router.features import FeatureBatch
 from r2r_serve.router.strategies import RouterStrategy
@@ -32,8 +33,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         batch = FeatureBatch.from_protos(features, expect_hidden=s.hidden_size or None,
                                          expect_top_k=s.top_k or None, require_tensors=s.reads_tensors)
         probs = s.score(batch).tolist() if len(batch) else []
-        return router_pb2.ScoreResponse(batch_id=batch_id, probabilities=probs,
-                                        score_ms=(time.perf_counter() - start) * 1000.0)
+        elapsed = time.perf_counter() - start
+        metrics.ROUTER_BATCH_SIZE.observe(len(probs))
+        metrics.ROUTER_SCORE_SECONDS.observe(elapsed)
+        return router_pb2.ScoreResponse(batch_id=batch_id, probabilities=probs, score_ms=elapsed * 1000.0)
 
     async def Score(self, request: router_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> router_pb2.ScoreResponse:
         try:

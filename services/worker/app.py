@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common.metrics import start_metrics_server
 from r2r_serve.common.server import ServiceHandle, serve_until_signal, start_server
 from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.worker.batcher import EngineBatcher
@@ -32,6 +33,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features-dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -66,6 +68,7 @@ async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int 
 
 
 async def run_worker(args: argparse.Namespace) -> None:
+    start_metrics_server(args.metrics_port)
     handle = await start_worker(config_from_args(args), args.host, args.port)
     print(f"{args.role} worker listening on {args.host}:{handle.port}", flush=True)
     await serve_until_signal(handle)

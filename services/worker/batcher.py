@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from r2r_serve.common import metrics
 from r2r_serve.worker.engine import ExtendOutcome, ExtendWork, ModelEngine
 
 
@@ -20,6 +21,7 @@ class EngineBatcher:
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self.inflight_items = 0
+        self._queue_gauge = metrics.WORKER_QUEUE_ITEMS.labels(engine.config.role)
 
     def start(self) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run())
@@ -33,11 +35,13 @@ class EngineBatcher:
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((works, fut))
         self.inflight_items += len(works)
+        self._queue_gauge.set(self.inflight_items)
         self._wakeup.set()
         try:
             return await fut
         finally:
             self.inflight_items -= len(works)
+            self._queue_gauge.set(self.inflight_items)
 
     async def call(self, fn, *args):
         """Run fn on the engine thread, after the forward in progress."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.tensors import parse_dtype
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
@@ -108,6 +109,8 @@ class ModelEngine:
         self.fingerprint = fingerprint(self.tokenizer)
         self.tokenizer_files = tokenizer_files(self.tokenizer, path if Path(path).is_dir() else None)
         self.eos_token_ids = self._eos_ids()
+        self._metrics = _WorkerMetrics(cfg.role)
+        self._metrics.kv_capacity.set(self.kv.max_total_tokens)
         log.info("model_loaded", model=path, role=cfg.role, dtype=cfg.dtype, device=cfg.device,
                  params_m=round(sum(p.numel() for p in self.model.parameters()) / 1e6, 1),
                  load_s=round(time.perf_counter() - started, 2))
@@ -137,7 +140,9 @@ class ModelEngine:
                     eos_token_ids=self.eos_token_ids, features_dtype=self.config.features_dtype)
 
     def release(self, session_ids) -> int:
-        return self.kv.release(session_ids)
+        released = self.kv.release(session_ids)
+        self._metrics.update_kv(self.kv)
+        return released
 
     # ---- the hot path --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -172,7 +177,9 @@ class ModelEngine:
                     outcomes[i] = ExtendOutcome(w.session_id, RESYNC, self.kv.held(w.session_id),
                                                 error="evicted while waiting for KV room")
             runnable = [i for i in runnable if i not in outcomes]
-        return [outcomes[i] for i in range(len(works))]
+        results = [outcomes[i] for i in range(len(works))]
+        self._metrics.record(results, self.kv)
+        return results
 
     def _check(self, w: ExtendWork, seen: set[str]) -> str | None:
         if not w.session_id:
@@ -242,7 +249,9 @@ class ModelEngine:
             for j, f in zip(rows, computed):
                 feats[j] = f
         self.batches += 1
-        self.last_forward_ms = (time.perf_counter() - started) * 1000
+        elapsed = time.perf_counter() - started
+        self.last_forward_ms = elapsed * 1000
+        self._metrics.forward(len(chunk), sum(len(works[i].tokens) for i in chunk), elapsed)
         for j, i in enumerate(chunk):
             outcomes[i] = ExtendOutcome(works[i].session_id, OK, sessions[j].length, token=int(tokens[j]),
                                         logprob=float(logprobs[j]), features=feats[j])
@@ -294,3 +303,35 @@ class ModelEngine:
             s.length += new[b]
         last = torch.tensor([n - 1 for n in new], device=dev)
         return out.last_hidden_state[torch.arange(B, device=dev), last]
+
+
+class _WorkerMetrics:
+    """This worker's children of the shared Prometheus metrics (label: role)."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self.sessions = metrics.WORKER_ACTIVE_SESSIONS.labels(role)
+        self.kv_tokens = metrics.WORKER_KV_TOKENS.labels(role)
+        self.kv_capacity = metrics.WORKER_KV_CAPACITY.labels(role)
+        self.batch_size = metrics.WORKER_BATCH_SIZE.labels(role)
+        self.forward_seconds = metrics.WORKER_FORWARD_SECONDS.labels(role)
+        self.new_tokens = metrics.WORKER_NEW_TOKENS.labels(role)
+        self.evictions = metrics.WORKER_EVICTIONS.labels(role)
+        self._evictions_seen = 0
+
+    def forward(self, sessions: int, tokens: int, seconds: float) -> None:
+        self.batch_size.observe(sessions)
+        self.forward_seconds.observe(seconds)
+        self.new_tokens.inc(tokens)
+
+    def update_kv(self, kv: KVStore) -> None:
+        self.sessions.set(len(kv))
+        self.kv_tokens.set(kv.held_tokens)
+        if kv.evictions > self._evictions_seen:
+            self.evictions.inc(kv.evictions - self._evictions_seen)
+            self._evictions_seen = kv.evictions
+
+    def record(self, outcomes: list[ExtendOutcome], kv: KVStore) -> None:
+        for o in outcomes:
+            metrics.WORKER_ITEMS.labels(self.role, o.status).inc()
+        self.update_kv(kv)

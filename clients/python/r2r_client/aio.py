@@ -93,7 +93,3 @@ class AsyncR2RClient:
                                                   wait_for_ready=self._wait_for_ready)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        except asyncio.CancelledError:
-            if self._cancelled:  # our own cancel(): a typed error, not a task cancellation
-                raise Cancelled("the request was cancelled by this client") from None
-            raise
