@@ -84,15 +84,26 @@ def _resolve_pair(args) -> tuple[str, str]:
 
 
 def cmd_serve(args) -> int:
+    from r2r_serve.common.security import generate_dev_certs, load_tokens
     from r2r_serve.launcher import LocalCluster
 
     slm, llm = _resolve_pair(args)
     slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else _auto_dtype(args.device)
     llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else _auto_dtype(args.device)
-    cluster = LocalCluster(args.log_dir)
+    token = (load_tokens(args.auth_token) or [None])[0]
+    certs = generate_dev_certs(args.tls_dir) if args.tls_dir else None
+    # With --tls-dir: every internal service requires the CA-signed client certificate (mutual TLS) that only
+    # the coordinator (and this launcher's health checks) holds; the coordinator's and the gateway's public ports
+    # serve TLS with the same CA's server certificate. The token reaches the coordinator by environment.
+    internal_tls = (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                     "--tls-client-ca", str(certs.ca)] if certs else [])
+    cluster = LocalCluster(args.log_dir, tls=certs.client() if certs else None)
     print(f"logs: {cluster.log_dir}", flush=True)
+    if certs:
+        print(f"TLS: certificates in {certs.dir} (mutual TLS between the services)", flush=True)
     try:
         common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+        common += internal_tls
         slm_eps, llm_eps = [], []
         for role, model, dtype, count, eps in (("slm", slm, slm_dtype, args.slm_replicas, slm_eps),
                                                ("llm", llm, llm_dtype, args.llm_replicas, llm_eps)):
@@ -102,25 +113,41 @@ def cmd_serve(args) -> int:
                 eps.append(cluster.start(name, ["worker", "--role", role, "--model", model, "--dtype", dtype,
                                                 *common]))
         slm_ep, llm_ep = ",".join(slm_eps), ",".join(llm_eps)
-        router_args = ["router", "--strategy", args.router_strategy]
+        router_args = ["router", "--strategy", args.router_strategy, *internal_tls]
         if args.router_checkpoint:
             router_args += ["--checkpoint", args.router_checkpoint]
         router_ep = cluster.start("router", router_args)
         coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep]
         if args.threshold is not None:
             coord_args += ["--threshold", str(args.threshold)]
-        coord_ep = cluster.start("coordinator", coord_args, port=args.port)
+        if certs:
+            coord_args += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                           "--tls-ca", str(certs.ca), "--tls-client-cert", str(certs.client_cert),
+                           "--tls-client-key", str(certs.client_key)]
+        coord_ep = cluster.start("coordinator", coord_args, port=args.port,
+                                 env={"R2R_AUTH_TOKEN": token} if token else None)
         print(f"R2R coordinator listening on {coord_ep}  (slm {slm_ep}, llm {llm_ep}, router {router_ep})",
               flush=True)
         if args.gateway_port:
             from r2r_serve.gateway.app import wait_http_healthy
 
-            gw = cluster.start("gateway", ["gateway", "--coordinator", coord_ep], port=args.gateway_port,
-                               ready=lambda ep, t, alive: wait_http_healthy(f"http://{ep}/health", t, alive))
-            print(f"OpenAI-compatible gateway on http://{gw}/v1", flush=True)
+            gw_args, scheme, context = ["gateway", "--coordinator", coord_ep], "http", None
+            if certs:
+                import ssl
+
+                gw_args += ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.server_cert),
+                            "--tls-key", str(certs.server_key)]
+                scheme, context = "https", ssl.create_default_context(cafile=str(certs.ca))
+            gw = cluster.start("gateway", gw_args, port=args.gateway_port, env={"R2R_TOKEN": token} if token else None,
+                               ready=lambda ep, t, alive: wait_http_healthy(f"{scheme}://{ep}/health", t, alive,
+                                                                            ssl_context=context))
+            print(f"OpenAI-compatible gateway on {scheme}://{gw}/v1", flush=True)
+        client_tls = certs.client(with_cert=False) if certs else None
         if args.prompt:
-            return _generate(coord_ep, args.prompt, args)
-        print("Ctrl-C to stop. Try: r2r generate \"Write a Python function that reverses a string\"", flush=True)
+            return _generate(coord_ep, args.prompt, args, token=token, tls=client_tls)
+        hint = "".join([f" --tls-ca {certs.ca}" if certs else "", " --token $R2R_TOKEN" if token else ""])
+        print(f"Ctrl-C to stop. Try: r2r generate{hint} \"Write a Python function that reverses a string\"",
+              flush=True)
         import signal
         import time
 
@@ -137,7 +164,7 @@ def cmd_serve(args) -> int:
 
 
 # ---- client ------------------------------------------------------------------------------------
-def _generate(target: str, prompt: str, args) -> int:
+def _generate(target: str, prompt: str, args, token: str | None = None, tls=None) -> int:
     from rich.console import Console
     from rich.text import Text
 
@@ -149,7 +176,9 @@ def _generate(target: str, prompt: str, args) -> int:
     messages = prompt if args.raw else [{"role": "user", "content": prompt}]
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed, stop=args.stop or (), threshold=args.threshold)
-    with R2RClient(target, wait_for_ready=True) as client:
+    tls_kw = {} if tls is None else dict(tls=True, tls_ca=tls.ca, tls_client_cert=tls.cert, tls_client_key=tls.key,
+                                         tls_server_name=tls.server_name)
+    with R2RClient(target, wait_for_ready=True, token=token, **tls_kw) as client:
         try:
             stream = client.stream(messages, timeout=args.timeout, **params)
             tokens = []
@@ -178,7 +207,9 @@ def _generate(target: str, prompt: str, args) -> int:
 
 
 def cmd_generate(args) -> int:
-    return _generate(args.target, args.prompt, args)
+    from r2r_serve.common.security import client_tls_from_args
+
+    return _generate(args.target, args.prompt, args, token=args.token, tls=client_tls_from_args(args))
 
 
 def cmd_models(args) -> int:
@@ -210,6 +241,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from r2r_serve.common.security import add_client_tls_args
     from r2r_serve.coordinator.app import add_coordinator_args
     from r2r_serve.gateway.app import add_gateway_args
     from r2r_serve.router.app import add_router_args
@@ -234,13 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-port", type=int, default=0, help="also start the OpenAI-compatible gateway (0 = no)")
     p.add_argument("--log-dir", help="where service logs go (default: a new temp folder)")
     p.add_argument("--prompt", help="answer this prompt, then stop the services")
+    p.add_argument("--tls-dir", metavar="DIR",
+                   help="mutual TLS between the services and TLS on the public ports, with a throwaway CA and "
+                        "loopback certificates made in DIR if it has none (ca.pem there is what clients trust)")
+    p.add_argument("--auth-token", default=os.environ.get("R2R_AUTH_TOKEN") or None, metavar="TOKEN",
+                   help="the coordinator requires 'authorization: Bearer TOKEN' [env R2R_AUTH_TOKEN]")
     _add_generation_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="stream an answer from a running coordinator")
     p.add_argument("prompt")
     p.add_argument("--target", default=os.environ.get("R2R_TARGET", "127.0.0.1:50051"), help="coordinator HOST:PORT")
+    p.add_argument("--token", default=os.environ.get("R2R_TOKEN") or None,
+                   help="bearer token for a coordinator run with --auth-token [env R2R_TOKEN]")
     _add_generation_args(p)
+    add_client_tls_args(p, "the coordinator", short_cert_names=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("worker", help="run one model worker (SLM or LLM role)")
@@ -263,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["prepare"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_models)
+
+    from r2r_serve.training.cli import add_label_args, add_train_args, run_label, run_train
+
+    p = sub.add_parser("label", help="label SLM tokens with the LLM for router training (resumable stages)")
+    add_label_args(p)
+    p.set_defaults(func=run_label)
+
+    p = sub.add_parser("train-router", help="train and calibrate a router on a labeled run")
+    add_train_args(p)
+    p.set_defaults(func=run_train)
 
     p = sub.add_parser("make-tiny-models", help="write a tiny random SLM/LLM pair (tests, demos)")
     p.add_argument("out")

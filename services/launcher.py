@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r2r_serve.common.health import wait_serving
+from r2r_serve.common.security import ENV as SECURITY_ENV
+from r2r_serve.common.security import ClientTLS
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,20 +37,28 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, log_dir: str | None = None, host: str = "127.0.0.1"):
+    """`tls`: how the launcher's own health checks reach the services (a client certificate for mTLS ones)."""
+
+    def __init__(self, log_dir: str | None = None, host: str = "127.0.0.1", tls: ClientTLS | None = None):
         self.host = host
+        self.tls = tls
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="r2r-serve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
 
     def start(self, name: str, args: list[str], port: int | None = None, ready_timeout_s: float = 900.0,
-              ready=wait_serving) -> str:
+              ready=None, env: dict[str, str] | None = None) -> str:
         """Start `r2r ARGS --host H --port P`; return HOST:PORT once `ready(endpoint, timeout, alive)` passes
-        (by default grpc.health SERVING)."""
+        (by default grpc.health SERVING, over TLS with the cluster's `tls`). `env`: extra environment for this
+        child only (secrets go here, not in ARGS, which any user can read in ps)."""
+        if ready is None:
+            ready = lambda ep, timeout, alive: wait_serving(ep, timeout, alive, tls=self.tls)  # noqa: E731
         port = port or free_port(self.host)
         endpoint = f"{self.host}:{port}"
         log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        # TLS and token settings reach a child only through its flags or `env`, never inherited by accident.
+        inherited = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV.values()}
+        env = {**inherited, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "r2r_serve.cli", *args, "--host", self.host,
                                      "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,

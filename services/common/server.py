@@ -18,6 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common.security import ServerTLS
 
 log = get_logger(__name__)
 
@@ -76,18 +77,26 @@ async def start_server(
     port: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    tls: ServerTLS | None = None,
 ) -> ServiceHandle:
     """Create, register and start an aio server. `register(server)` adds servicers and returns their
-    full service names (for health and reflection). Health starts NOT_SERVING."""
+    full service names (for health and reflection). Health starts NOT_SERVING. With `tls` the port serves
+    TLS only (mutual TLS when it names a client CA); without, plain."""
     server = grpc.aio.server(options=channel_options(max_message_bytes), interceptors=list(interceptors))
     names = list(register(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.credentials())
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {address}")
+    if tls is not None:
+        log.info("tls_enabled", port=bound, **tls.describe())
     await server.start()
     handle = ServiceHandle(server=server, port=bound, health=health, service_names=names)
     await handle.set_serving(False)

@@ -7,6 +7,9 @@ import asyncio
 
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.metrics import start_metrics_server
+from r2r_serve.common.security import (BearerTokenInterceptor, ClientTLS, ServerTLS, add_auth_args,
+                                       add_client_tls_args, add_server_tls_args, client_tls_from_args,
+                                       server_tls_from_args, tokens_from_args)
 from r2r_serve.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHandle, serve_until_signal, start_server
 from r2r_serve.common.tokenizer import fingerprint, load_tokenizer_from_files
 from r2r_serve.coordinator.pool import RouterClient, WorkerPool
@@ -42,6 +45,9 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                         "token (keep speed) or fail the request")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--dns-refresh-s", type=float, default=10.0, help="re-resolve dns:/// endpoints this often")
+    add_server_tls_args(p)
+    add_client_tls_args(p, "the workers and the router")
+    add_auth_args(p)
 
 
 def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
@@ -72,11 +78,18 @@ def check_pair(slm: worker_pb2.WorkerInfo, llm: worker_pb2.WorkerInfo, router_in
 
 async def start_coordinator(slm: str | list[str], llm: str | list[str], router: str,
                             settings: CoordinatorSettings | None = None, host: str = "127.0.0.1", port: int = 0,
-                            connect_timeout_s: float = 600.0, dns_refresh_s: float = 10.0) -> ServiceHandle:
+                            connect_timeout_s: float = 600.0, dns_refresh_s: float = 10.0,
+                            tls: ServerTLS | None = None, upstream_tls: ClientTLS | None = None,
+                            auth_tokens: list[str] | None = None) -> ServiceHandle:
+    """Connect to the workers and the router, then serve the public API. `tls`: this port's TLS (mTLS with a
+    client CA); `upstream_tls`: TLS (and the client certificate) for the channels to workers and router;
+    `auth_tokens`: if any, every call but health/reflection needs `authorization: Bearer <one of them>`."""
     settings = settings or CoordinatorSettings()
-    slm_pool = WorkerPool("slm", slm, DEFAULT_MAX_MESSAGE_BYTES, refresh_s=dns_refresh_s)
-    llm_pool = WorkerPool("llm", llm, DEFAULT_MAX_MESSAGE_BYTES, refresh_s=dns_refresh_s)
-    router_client = RouterClient(router, DEFAULT_MAX_MESSAGE_BYTES)
+    slm_pool = WorkerPool("slm", slm, DEFAULT_MAX_MESSAGE_BYTES, refresh_s=dns_refresh_s, tls=upstream_tls)
+    llm_pool = WorkerPool("llm", llm, DEFAULT_MAX_MESSAGE_BYTES, refresh_s=dns_refresh_s, tls=upstream_tls)
+    router_client = RouterClient(router, DEFAULT_MAX_MESSAGE_BYTES, tls=upstream_tls)
+    if upstream_tls is not None:
+        log.info("upstream_tls", **upstream_tls.describe())
     try:
         await asyncio.gather(slm_pool.connect(connect_timeout_s), llm_pool.connect(connect_timeout_s),
                              router_client.connect(connect_timeout_s))
@@ -95,7 +108,14 @@ async def start_coordinator(slm: str | list[str], llm: str | list[str], router: 
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    handle = await start_server(register, host=host, port=port)
+    interceptors = [BearerTokenInterceptor(auth_tokens)] if auth_tokens else []
+    try:
+        handle = await start_server(register, host=host, port=port, tls=tls, interceptors=interceptors)
+    except BaseException:
+        await asyncio.gather(slm_pool.close(), llm_pool.close(), router_client.close())
+        raise
+    if auth_tokens:
+        log.info("auth_enabled", scheme="bearer", tokens=len(auth_tokens))
 
     async def close_clients():
         await servicer.flush_releases()  # requests cut by the stop scheduled releases: send them first
@@ -112,7 +132,8 @@ async def start_coordinator(slm: str | list[str], llm: str | list[str], router: 
 async def run_coordinator(args: argparse.Namespace) -> None:
     start_metrics_server(args.metrics_port)
     handle = await start_coordinator(args.slm, args.llm, args.router, settings_from_args(args), args.host, args.port,
-                                     args.connect_timeout_s, args.dns_refresh_s)
+                                     args.connect_timeout_s, args.dns_refresh_s, tls=server_tls_from_args(args),
+                                     upstream_tls=client_tls_from_args(args), auth_tokens=tokens_from_args(args))
     print(f"coordinator listening on {args.host}:{handle.port}", flush=True)
 
     handle.before_stop.append(lambda: handle.servicer.drain(args.drain_s))

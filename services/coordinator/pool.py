@@ -16,6 +16,7 @@ import grpc
 
 from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common.security import ClientTLS, aio_channel
 from r2r_serve.common.server import channel_options
 from r2r_serve.coordinator.batcher import PeerUnavailable, StreamBatcher
 from r2r_serve.coordinator.endpoints import is_dns, resolve_all, split_endpoints
@@ -42,10 +43,11 @@ class ExtendItemRequest:
 
 
 class WorkerReplica:
-    def __init__(self, endpoint: str, role: str, max_message_bytes: int, reconnect_timeout_s: float):
+    def __init__(self, endpoint: str, role: str, max_message_bytes: int, reconnect_timeout_s: float,
+                 tls: ClientTLS | None = None):
         self.endpoint = endpoint
         self.role = role
-        self.channel = grpc.aio.insecure_channel(endpoint, options=channel_options(max_message_bytes))
+        self.channel = aio_channel(endpoint, tls, channel_options(max_message_bytes))
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
         self.info: worker_pb2.WorkerInfo | None = None
         self.sessions: set[str] = set()
@@ -123,8 +125,9 @@ class Placement:
 
 class WorkerPool:
     def __init__(self, role: str, specs: str | list[str], max_message_bytes: int, reconnect_timeout_s: float = 30.0,
-                 refresh_s: float = 10.0, load_poll_s: float = 1.0):
+                 refresh_s: float = 10.0, load_poll_s: float = 1.0, tls: ClientTLS | None = None):
         self.role = role
+        self.tls = tls  # channels to the replicas: plain when None
         self.specs = split_endpoints(specs)
         if not self.specs:
             raise ValueError(f"no {role} worker endpoints given")
@@ -155,7 +158,7 @@ class WorkerPool:
         self._tasks.append(loop.create_task(self._poll_loop(), name=f"{self.role}-load"))
 
     async def _add(self, endpoint: str, timeout_s: float) -> None:
-        replica = WorkerReplica(endpoint, self.role, self.max_message_bytes, self.reconnect_timeout_s)
+        replica = WorkerReplica(endpoint, self.role, self.max_message_bytes, self.reconnect_timeout_s, self.tls)
         try:
             info = await replica.connect(timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -265,11 +268,11 @@ class RouterClient:
     steps then use the coordinator's fallback at once instead of each waiting for a reconnect."""
 
     def __init__(self, endpoint: str, max_message_bytes: int, reconnect_timeout_s: float = 2.0,
-                 retry_after_s: float = 5.0):
+                 retry_after_s: float = 5.0, tls: ClientTLS | None = None):
         self.endpoint = endpoint
         self.retry_after_s = retry_after_s
         self.down_until = 0.0
-        self.channel = grpc.aio.insecure_channel(endpoint, options=channel_options(max_message_bytes))
+        self.channel = aio_channel(endpoint, tls, channel_options(max_message_bytes))
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.info: router_pb2.RouterInfo | None = None
         self.batcher = StreamBatcher(

@@ -13,15 +13,18 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import grpc
 import structlog
 import uvicorn
 from starlette.applications import Starlette
@@ -32,8 +35,10 @@ from starlette.routing import Route
 
 from r2r_client import AsyncR2RClient, R2RError
 from r2r_serve.common.logging import get_logger
-from r2r_serve.gateway.schema import (Formatter, GatewayError, ModelTable, Plan, from_r2r_error, parse_chat,
-                                      parse_completion)
+from r2r_serve.common.security import (ClientTLS, ServerTLS, add_client_tls_args, add_server_tls_args,
+                                       client_tls_from_args, server_tls_from_args)
+from r2r_serve.gateway.schema import Formatter, GatewayError, ModelTable, Plan, parse_chat, parse_completion
+from r2r_serve.gateway.schema import from_r2r_error
 
 log = get_logger(__name__)
 
@@ -47,6 +52,11 @@ class GatewaySettings:
     default_temperature: float = 1.0     # OpenAI's default when a request names none
     request_timeout_s: float = 0.0       # gRPC deadline per request; 0 = none
     health_timeout_s: float = 2.0
+    # The coordinator link. A user request forwards its own `Authorization: Bearer` key to the coordinator (the
+    # coordinator alone decides who gets in); `token` is used only for the gateway's own calls (/health).
+    token: str | None = field(default=None, repr=False)
+    coordinator_tls: ClientTLS | None = None
+    https: ServerTLS | None = None       # serve HTTPS (with a client CA: require client certificates)
 
 
 def add_gateway_args(p: argparse.ArgumentParser) -> None:
@@ -58,11 +68,24 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
                    help="temperature when a request sets none (OpenAI's default is 1; 0 = greedy)")
     p.add_argument("--request-timeout-s", type=float, default=0.0, help="deadline per request; 0 = none")
     p.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, wait this long for open requests")
+    p.add_argument("--token", default=os.environ.get("R2R_TOKEN") or None,
+                   help="bearer token for the gateway's own coordinator calls (/health); requests forward their "
+                        "own 'Authorization: Bearer' API key [env R2R_TOKEN]")
+    add_client_tls_args(p, "the coordinator")
+    add_server_tls_args(p)  # --tls-cert/--tls-key here = HTTPS
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(coordinator=args.coordinator, model_name=args.model_name,
-                           default_temperature=args.default_temperature, request_timeout_s=args.request_timeout_s)
+                           default_temperature=args.default_temperature, request_timeout_s=args.request_timeout_s,
+                           token=args.token, coordinator_tls=client_tls_from_args(args),
+                           https=server_tls_from_args(args))
+
+
+def bearer_token(request: Request) -> str | None:
+    """The request's `Authorization: Bearer <key>` (OpenAI clients send their API key so), or None."""
+    scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def _json(obj) -> bytes:
@@ -88,7 +111,10 @@ class Gateway:
     @property
     def client(self) -> AsyncR2RClient:
         if self._client is None:
-            self._client = AsyncR2RClient(self.settings.coordinator)
+            tls = self.settings.coordinator_tls
+            kw = {} if tls is None else dict(tls=True, tls_ca=tls.ca, tls_client_cert=tls.cert,
+                                             tls_client_key=tls.key, tls_server_name=tls.server_name)
+            self._client = AsyncR2RClient(self.settings.coordinator, **kw)  # no token: each call brings its own
         return self._client
 
     async def close(self) -> None:
@@ -96,20 +122,21 @@ class Gateway:
             await self._client.close()
             self._client = None
 
-    async def server_info(self):
-        """GetServerInfo; refreshes the SLM/LLM model ids. Raises GatewayError when the coordinator fails."""
+    async def server_info(self, token: str | None = None):
+        """GetServerInfo (with the caller's bearer `token`; None = none); refreshes the SLM/LLM model ids. Raises
+        GatewayError when the coordinator fails."""
         try:
-            info = await self.client.server_info(timeout=self.settings.health_timeout_s)
+            info = await self.client.server_info(timeout=self.settings.health_timeout_s, token=token)
         except R2RError as exc:
             raise from_r2r_error(exc) from None
         self.info = info
         self.models.slm, self.models.llm = info.slm_model or None, info.llm_model or None
         return info
 
-    async def resolve_models(self, model) -> None:
+    async def resolve_models(self, model, token: str | None = None) -> None:
         """Make sure the SLM/LLM ids are known before a request names a model other than ours."""
         if isinstance(model, str) and model not in self.models.ids():
-            await self.server_info()
+            await self.server_info(token)
 
 
 # ---- one generation, as an ASGI response ---------------------------------------------------------
@@ -123,8 +150,9 @@ class Generation:
     """Runs one coordinator stream and writes the HTTP answer (SSE or JSON), racing a disconnect watch: if the
     client leaves first, the writer is cancelled and the gRPC call with it."""
 
-    def __init__(self, gw: Gateway, plan: Plan, request_id: str, endpoint: str):
+    def __init__(self, gw: Gateway, plan: Plan, request_id: str, endpoint: str, token: str | None = None):
         self.gw, self.plan, self.request_id, self.endpoint = gw, plan, request_id, endpoint
+        self.token = token  # the request's API key, forwarded to the coordinator
         prefix = "chatcmpl-" if plan.kind == "chat" else "cmpl-"
         self.fmt = Formatter(plan, prefix + request_id, int(time.time()))
         self.stream = None
@@ -159,7 +187,7 @@ class Generation:
     async def _write(self, send) -> None:
         timeout = self.gw.settings.request_timeout_s or None
         self.stream = self.gw.client.stream(self.plan.prompt, timeout=timeout, request_id=self.request_id,
-                                            **self.plan.params)
+                                            token=self.token, **self.plan.params)
         events = self.stream.__aiter__()
         tokens = []
         try:
@@ -272,10 +300,11 @@ def _generation_endpoint(parse, endpoint: str):
     async def handler(request: Request):
         gw: Gateway = request.app.state.gateway
         rid = _request_id(request)
+        token = bearer_token(request)
         try:
             body = await _read_json(request)
             if isinstance(body, dict):
-                await gw.resolve_models(body.get("model"))
+                await gw.resolve_models(body.get("model"), token)
             plan = parse(body, gw.models, gw.settings.default_temperature)
         except GatewayError as err:
             log.info("request_rejected", request_id=rid, endpoint=endpoint, status=err.status, param=err.param,
@@ -283,7 +312,7 @@ def _generation_endpoint(parse, endpoint: str):
             return error_response(err, rid)
         log.info("request_accepted", request_id=rid, endpoint=endpoint, model=plan.model, stream=plan.stream,
                  **{k: v for k, v in plan.params.items() if k != "stop"})
-        return Generation(gw, plan, rid, endpoint)
+        return Generation(gw, plan, rid, endpoint, token)
 
     return handler
 
@@ -312,7 +341,7 @@ def _model_cards(gw: Gateway) -> list[dict]:
 async def list_models(request: Request):
     gw: Gateway = request.app.state.gateway
     try:
-        await gw.server_info()
+        await gw.server_info(bearer_token(request))
     except GatewayError as err:
         return error_response(err)
     return JSONResponse({"object": "list", "data": _model_cards(gw)})
@@ -321,7 +350,7 @@ async def list_models(request: Request):
 async def get_model(request: Request):
     gw: Gateway = request.app.state.gateway
     try:
-        await gw.server_info()
+        await gw.server_info(bearer_token(request))
     except GatewayError as err:
         return error_response(err)
     model_id = request.path_params["model"]
@@ -335,7 +364,7 @@ async def get_model(request: Request):
 async def health(request: Request):
     gw: Gateway = request.app.state.gateway
     try:
-        info = await gw.server_info()
+        info = await gw.server_info(gw.settings.token)
     except GatewayError as err:
         return JSONResponse({"status": "unavailable", "coordinator": gw.settings.coordinator, "error": err.message},
                             status_code=503)
@@ -385,8 +414,12 @@ def build_app(coordinator: str | GatewaySettings, **settings) -> Starlette:
 # ---- runners -------------------------------------------------------------------------------------
 
 def _uvicorn_config(app, host: str, port: int, drain_s: float) -> uvicorn.Config:
+    https: ServerTLS | None = app.state.gateway.settings.https
+    tls = {} if https is None else dict(
+        ssl_certfile=https.cert, ssl_keyfile=https.key, ssl_ca_certs=https.client_ca,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if https.client_ca else ssl.CERT_NONE)
     return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=max(1, int(drain_s)), server_header=False)
+                          timeout_graceful_shutdown=max(1, int(drain_s)), server_header=False, **tls)
 
 
 async def run_gateway(args: argparse.Namespace) -> None:
@@ -396,7 +429,7 @@ async def run_gateway(args: argparse.Namespace) -> None:
     app = build_app(settings)
     gw: Gateway = app.state.gateway
     try:
-        info = await gw.server_info()
+        info = await gw.server_info(settings.token)
         log.info("coordinator_ready", coordinator=settings.coordinator, slm=info.slm_model, llm=info.llm_model)
     except GatewayError as err:  # start anyway: /health says 503 until the coordinator answers
         log.warning("coordinator_unreachable", coordinator=settings.coordinator, error=err.message)
@@ -411,7 +444,9 @@ async def run_gateway(args: argparse.Namespace) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    log.info("gateway_listening", host=args.host, port=args.port, model=settings.model_name)
+    log.info("gateway_listening", host=args.host, port=args.port, model=settings.model_name,
+             scheme="https" if settings.https else "http",
+             coordinator_tls=settings.coordinator_tls is not None, own_token=settings.token is not None)
     try:
         await server.serve()
     finally:
@@ -435,11 +470,12 @@ class GatewayHandle:
     app: Starlette
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         self.server.should_exit = True
@@ -481,19 +517,20 @@ async def start_gateway(coordinator: str | GatewaySettings, host: str = "127.0.0
             exc = task.exception() if not task.cancelled() else None
             raise RuntimeError(f"the gateway failed to start: {exc!r}")
         await asyncio.sleep(0.01)
-    return GatewayHandle(server, task, app, host, sock.getsockname()[1])
+    scheme = "https" if app.state.gateway.settings.https else "http"
+    return GatewayHandle(server, task, app, host, sock.getsockname()[1], scheme)
 
 
 def wait_http_healthy(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True,
-                      interval_s: float = 0.2) -> None:
+                      interval_s: float = 0.2, ssl_context: ssl.SSLContext | None = None) -> None:
     """Block until GET url answers 200 (for launchers: `r2r serve --gateway-port`). Raises TimeoutError, or
-    RuntimeError when `alive()` turns false."""
+    RuntimeError when `alive()` turns false. `ssl_context`: for an https URL (e.g. trusting a private CA)."""
     end = time.monotonic() + timeout_s
     while True:
         if not alive():
             raise RuntimeError("the process exited")
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as resp:
+            with urllib.request.urlopen(url, timeout=2.0, context=ssl_context) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):

@@ -37,6 +37,7 @@ def invalid(message: str, param: str | None, code: str | None = None) -> Gateway
 # gRPC status (the SDK's exception class name) -> HTTP status, OpenAI error type, code.
 _GRPC_TO_HTTP = {
     "INVALID_ARGUMENT": (400, "invalid_request_error", None),
+    "UNAUTHENTICATED": (401, "invalid_request_error", "invalid_api_key"),  # as OpenAI answers a bad API key
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error", "rate_limit_exceeded"),
     "DEADLINE_EXCEEDED": (504, "timeout_error", "timeout"),
     "UNAVAILABLE": (503, "service_unavailable_error", "service_unavailable"),
@@ -47,7 +48,8 @@ _GRPC_TO_HTTP = {
 def from_r2r_error(exc: R2RError) -> GatewayError:
     """Map a coordinator error (a typed SDK exception) onto HTTP, keeping the coordinator's message."""
     status, type_, code = _GRPC_TO_HTTP.get(exc.code.name, (500, "server_error", "internal_error"))
-    headers = {"retry-after": "1"} if status in (429, 503) else None
+    headers = ({"retry-after": "1"} if status in (429, 503) else
+               {"www-authenticate": "Bearer"} if status == 401 else None)
     return GatewayError(status, exc.details, param=None, code=code, type=type_, headers=headers)
 
 

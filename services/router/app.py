@@ -11,6 +11,7 @@ import torch
 
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.metrics import start_metrics_server
+from r2r_serve.common.security import ServerTLS, add_server_tls_args, server_tls_from_args
 from r2r_serve.common.server import ServiceHandle, serve_until_signal, start_server
 from r2r_serve.proto import router_pb2_grpc
 from r2r_serve.router.features import FeatureBatch
@@ -31,6 +32,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 = any free port")
     parser.add_argument("--device", default="cpu", help="torch device for the neural router")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    add_server_tls_args(parser)
     return parser
 
 
@@ -46,8 +48,8 @@ def warm_up(servicer: RouterServicer) -> float:
 
 
 async def start_router(strategy_name: str = "auto", checkpoint: str | None = None, host: str = "127.0.0.1",
-                       port: int = 0, device: str = "cpu") -> ServiceHandle:
-    """Start a router in this process; returns once it is warmed up and SERVING."""
+                       port: int = 0, device: str = "cpu", tls: ServerTLS | None = None) -> ServiceHandle:
+    """Start a router in this process; returns once it is warmed up and SERVING. `tls`: see start_worker."""
     strategy = await asyncio.to_thread(load_strategy, strategy_name, checkpoint, device)
     servicer = RouterServicer(strategy)
 
@@ -55,7 +57,7 @@ async def start_router(strategy_name: str = "auto", checkpoint: str | None = Non
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    handle = await start_server(register, host=host, port=port)
+    handle = await start_server(register, host=host, port=port, tls=tls)
     handle.servicer = servicer  # in-process callers reach the strategy through it
     warm_ms = warm_up(servicer)
     await handle.set_serving(True)
@@ -67,6 +69,7 @@ async def start_router(strategy_name: str = "auto", checkpoint: str | None = Non
 
 async def run_router(args: argparse.Namespace) -> None:
     start_metrics_server(args.metrics_port)
-    handle = await start_router(args.strategy, args.checkpoint, host=args.host, port=args.port, device=args.device)
+    handle = await start_router(args.strategy, args.checkpoint, host=args.host, port=args.port, device=args.device,
+                                tls=server_tls_from_args(args))
     log.info("listening", host=args.host, port=handle.port)
     await serve_until_signal(handle)

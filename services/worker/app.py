@@ -7,6 +7,7 @@ import asyncio
 
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.metrics import start_metrics_server
+from r2r_serve.common.security import ServerTLS, add_server_tls_args, server_tls_from_args
 from r2r_serve.common.server import ServiceHandle, serve_until_signal, start_server
 from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.worker.batcher import EngineBatcher
@@ -34,6 +35,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    add_server_tls_args(p)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -46,8 +48,10 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
                         threads=args.threads, attn_implementation=args.attn_implementation)
 
 
-async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int = 0) -> ServiceHandle:
-    """Load, warm up and serve; health turns SERVING only after the warm-up forward."""
+async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
+                       tls: ServerTLS | None = None) -> ServiceHandle:
+    """Load, warm up and serve; health turns SERVING only after the warm-up forward. `tls` with a client CA =
+    mutual TLS: only callers holding a certificate signed by it (the coordinator) get in."""
     engine = ModelEngine(config)
     await asyncio.get_running_loop().run_in_executor(None, engine.load)
     batcher = EngineBatcher(engine)
@@ -58,7 +62,7 @@ async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int 
         worker_pb2_grpc.add_ModelWorkerServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    handle = await start_server(register, host=host, port=port)
+    handle = await start_server(register, host=host, port=port, tls=tls)
     handle.on_stop.append(batcher.close)
     await batcher.call(engine.warmup)
     await handle.set_serving(True)
@@ -69,6 +73,7 @@ async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int 
 
 async def run_worker(args: argparse.Namespace) -> None:
     start_metrics_server(args.metrics_port)
-    handle = await start_worker(config_from_args(args), args.host, args.port)
+    tls = server_tls_from_args(args)
+    handle = await start_worker(config_from_args(args), args.host, args.port, tls=tls)
     print(f"{args.role} worker listening on {args.host}:{handle.port}", flush=True)
     await serve_until_signal(handle)

@@ -6,6 +6,7 @@ import grpc
 
 import asyncio
 
+from r2r_client.credentials import channel_credentials, channel_options, token_metadata
 from r2r_client.errors import Cancelled, from_rpc_error
 from r2r_client.types import Prompt, Result, Stats, Token, build_request, stats_from_proto, token_from_proto
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
@@ -56,13 +57,29 @@ class AsyncStream:
 
 
 class AsyncR2RClient:
+    """`token`: sent as `authorization: Bearer <token>` on every call (a coordinator run with --auth-token).
+    TLS: `credentials` (any grpc.ChannelCredentials), or `tls=True` (system roots) / `tls_ca` (the CA's PEM
+    path or bytes), plus `tls_client_cert`/`tls_client_key` for mutual TLS; `tls_server_name` overrides the
+    name expected in the server's certificate."""
+
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 wait_for_ready: bool = False):
+                 wait_for_ready: bool = False, token: str | None = None, tls: bool = False, tls_ca=None,
+                 tls_client_cert=None, tls_client_key=None, tls_server_name: str | None = None):
         self.target = target
-        self._channel = (grpc.aio.secure_channel(target, credentials, options=_OPTIONS) if credentials
-                         else grpc.aio.insecure_channel(target, options=_OPTIONS))
+        creds = channel_credentials(credentials, tls=tls, tls_ca=tls_ca, tls_client_cert=tls_client_cert,
+                                    tls_client_key=tls_client_key)
+        options = channel_options(_OPTIONS, tls_server_name)
+        self._channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
+                         else grpc.aio.insecure_channel(target, options=options))
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._wait_for_ready = wait_for_ready
+        self._token = token
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"AsyncR2RClient({self.target!r})"
+
+    def _metadata(self, token: str | None):
+        return token_metadata(token or self._token)
 
     async def __aenter__(self):
         return self
@@ -73,23 +90,28 @@ class AsyncR2RClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def stream(self, prompt: Prompt, *, timeout: float | None = None, **params) -> AsyncStream:
-        """Start a generation; iterate the result for tokens. `timeout` (s) is the gRPC deadline.
+    def stream(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
+               **params) -> AsyncStream:
+        """Start a generation; iterate the result for tokens. `timeout` (s) is the gRPC deadline; `token`
+        overrides the client's bearer token for this call.
         params: max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, threshold, logprobs,
         ignore_eos, request_id."""
         req = build_request(prompt, **params)
-        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready)
+        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                   metadata=self._metadata(token))
         return AsyncStream(call, req.logprobs)
 
-    async def generate(self, prompt: Prompt, *, timeout: float | None = None, **params) -> Result:
+    async def generate(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
+                       **params) -> Result:
         """Generate to the end and return the whole result (same parameters as `stream`)."""
-        stream = self.stream(prompt, timeout=timeout, **params)
+        stream = self.stream(prompt, timeout=timeout, token=token, **params)
         tokens = [tok async for tok in stream]
         return Result(request_id=stream.request_id, text=stream.text, tokens=tokens, stats=stream.stats)
 
-    async def server_info(self, timeout: float | None = 10.0) -> coordinator_pb2.ServerInfo:
+    async def server_info(self, timeout: float | None = 10.0, token: str | None = None) -> coordinator_pb2.ServerInfo:
         try:
             return await self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
-                                                  wait_for_ready=self._wait_for_ready)
+                                                  wait_for_ready=self._wait_for_ready,
+                                                  metadata=self._metadata(token))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None

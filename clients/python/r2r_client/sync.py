@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from r2r_client.credentials import channel_credentials, channel_options, token_metadata
 from r2r_client.errors import from_rpc_error
 from r2r_client.types import Prompt, Result, Stats, build_request, stats_from_proto, token_from_proto
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
@@ -44,13 +45,26 @@ class Stream:
 
 
 class R2RClient:
+    """Blocking client; `token` and the TLS options as for AsyncR2RClient."""
+
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 wait_for_ready: bool = False):
+                 wait_for_ready: bool = False, token: str | None = None, tls: bool = False, tls_ca=None,
+                 tls_client_cert=None, tls_client_key=None, tls_server_name: str | None = None):
         self.target = target
-        self._channel = (grpc.secure_channel(target, credentials, options=_OPTIONS) if credentials
-                         else grpc.insecure_channel(target, options=_OPTIONS))
+        creds = channel_credentials(credentials, tls=tls, tls_ca=tls_ca, tls_client_cert=tls_client_cert,
+                                    tls_client_key=tls_client_key)
+        options = channel_options(_OPTIONS, tls_server_name)
+        self._channel = (grpc.secure_channel(target, creds, options=options) if creds
+                         else grpc.insecure_channel(target, options=options))
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._wait_for_ready = wait_for_ready
+        self._token = token
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"R2RClient({self.target!r})"
+
+    def _metadata(self, token: str | None):
+        return token_metadata(token or self._token)
 
     def __enter__(self):
         return self
@@ -61,19 +75,22 @@ class R2RClient:
     def close(self) -> None:
         self._channel.close()
 
-    def stream(self, prompt: Prompt, *, timeout: float | None = None, **params) -> Stream:
+    def stream(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
+               **params) -> Stream:
         req = build_request(prompt, **params)
-        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready)
+        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready,
+                                   metadata=self._metadata(token))
         return Stream(call, req.logprobs)
 
-    def generate(self, prompt: Prompt, *, timeout: float | None = None, **params) -> Result:
-        stream = self.stream(prompt, timeout=timeout, **params)
+    def generate(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
+                 **params) -> Result:
+        stream = self.stream(prompt, timeout=timeout, token=token, **params)
         tokens = list(stream)
         return Result(request_id=stream.request_id, text=stream.text, tokens=tokens, stats=stream.stats)
 
-    def server_info(self, timeout: float | None = 10.0) -> coordinator_pb2.ServerInfo:
+    def server_info(self, timeout: float | None = 10.0, token: str | None = None) -> coordinator_pb2.ServerInfo:
         try:
             return self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
-                                            wait_for_ready=self._wait_for_ready)
+                                            wait_for_ready=self._wait_for_ready, metadata=self._metadata(token))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
