@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
-
 import asyncio
+import time
+
+import grpc
 
 from r2r_client.credentials import channel_credentials, channel_options, token_metadata
 from r2r_client.errors import Cancelled, from_rpc_error
+from r2r_client.retry import RetryPolicy
 from r2r_client.types import Prompt, Result, Stats, Token, build_request, stats_from_proto, token_from_proto
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
 
@@ -16,10 +18,14 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 class AsyncStream:
     """Async iterator of Token; after it ends, `stats` and `text` (tail included) are set.
-    `cancel()` (or leaving the loop early and calling it) stops generation on the server."""
+    `cancel()` (or leaving the loop early and calling it) stops generation on the server.
+    `start(timeout)` opens the call; it is called again for a retry (see RetryPolicy)."""
 
-    def __init__(self, call, with_logprobs: bool):
-        self._call = call
+    def __init__(self, start, timeout: float | None, with_logprobs: bool, retry: RetryPolicy):
+        self._start = start
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
+        self._call = start(timeout)
+        self._retry = retry
         self._with_logprobs = with_logprobs
         self.request_id = ""
         self.stats: Stats | None = None
@@ -38,22 +44,33 @@ class AsyncStream:
         return self._iterate()
 
     async def _iterate(self):
-        try:
-            async for msg in self._call:
-                self.request_id = msg.request_id
-                if msg.HasField("token"):
-                    tok = token_from_proto(msg.token, self._with_logprobs)
-                    self._parts.append(tok.text)
-                    yield tok
-                else:
-                    self.stats = stats_from_proto(msg.final)
-                    self._parts.append(self.stats.text_tail)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        except asyncio.CancelledError:
-            if self._cancelled:  # our own cancel(): a typed error, not a task cancellation
-                raise Cancelled("the request was cancelled by this client") from None
-            raise
+        attempt, delivered = 1, False
+        while True:
+            try:
+                async for msg in self._call:
+                    self.request_id = msg.request_id
+                    if msg.HasField("token"):
+                        tok = token_from_proto(msg.token, self._with_logprobs)
+                        self._parts.append(tok.text)
+                        delivered = True
+                        yield tok
+                    else:
+                        self.stats = stats_from_proto(msg.final)
+                        self._parts.append(self.stats.text_tail)
+                return
+            except grpc.aio.AioRpcError as exc:
+                remaining = None if self._deadline is None else self._deadline - time.monotonic()
+                delay = self._retry.delay_s(attempt)
+                if (self._cancelled or not self._retry.should_retry(exc.code(), attempt, delivered)
+                        or (remaining is not None and remaining <= delay)):
+                    raise from_rpc_error(exc) from None
+                await asyncio.sleep(delay)
+                attempt += 1
+                self._call = self._start(None if remaining is None else remaining - delay)
+            except asyncio.CancelledError:
+                if self._cancelled:  # our own cancel(): a typed error, not a task cancellation
+                    raise Cancelled("the request was cancelled by this client") from None
+                raise
 
 
 class AsyncR2RClient:
@@ -64,8 +81,10 @@ class AsyncR2RClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
                  wait_for_ready: bool = False, token: str | None = None, tls: bool = False, tls_ca=None,
-                 tls_client_cert=None, tls_client_key=None, tls_server_name: str | None = None):
+                 tls_client_cert=None, tls_client_key=None, tls_server_name: str | None = None,
+                 retry: RetryPolicy = RetryPolicy()):
         self.target = target
+        self.retry = retry
         creds = channel_credentials(credentials, tls=tls, tls_ca=tls_ca, tls_client_cert=tls_client_cert,
                                     tls_client_key=tls_client_key)
         options = channel_options(_OPTIONS, tls_server_name)
@@ -97,9 +116,12 @@ class AsyncR2RClient:
         params: max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, threshold, logprobs,
         ignore_eos, request_id."""
         req = build_request(prompt, **params)
-        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready,
-                                   metadata=self._metadata(token))
-        return AsyncStream(call, req.logprobs)
+        metadata = self._metadata(token)
+
+        def start(t):
+            return self._stub.Generate(req, timeout=t, wait_for_ready=self._wait_for_ready, metadata=metadata)
+
+        return AsyncStream(start, timeout, req.logprobs, self.retry)
 
     async def generate(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
                        **params) -> Result:
@@ -109,9 +131,14 @@ class AsyncR2RClient:
         return Result(request_id=stream.request_id, text=stream.text, tokens=tokens, stats=stream.stats)
 
     async def server_info(self, timeout: float | None = 10.0, token: str | None = None) -> coordinator_pb2.ServerInfo:
-        try:
-            return await self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
-                                                  wait_for_ready=self._wait_for_ready,
-                                                  metadata=self._metadata(token))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        attempt = 1
+        while True:
+            try:
+                return await self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
+                                                      wait_for_ready=self._wait_for_ready,
+                                                      metadata=self._metadata(token))
+            except grpc.aio.AioRpcError as exc:
+                if not self.retry.should_retry(exc.code(), attempt, delivered_tokens=False):
+                    raise from_rpc_error(exc) from None
+                await asyncio.sleep(self.retry.delay_s(attempt))
+                attempt += 1

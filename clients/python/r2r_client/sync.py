@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from r2r_client.credentials import channel_credentials, channel_options, token_metadata
 from r2r_client.errors import from_rpc_error
+from r2r_client.retry import RetryPolicy
 from r2r_client.types import Prompt, Result, Stats, build_request, stats_from_proto, token_from_proto
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
 
@@ -13,10 +16,15 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
 class Stream:
-    """Iterator of Token; after it ends, `stats` and `text` are set. `cancel()` stops the server side."""
+    """Iterator of Token; after it ends, `stats` and `text` are set. `cancel()` stops the server side.
+    `start(timeout)` opens the call; it is called again for a retry (see RetryPolicy)."""
 
-    def __init__(self, call, with_logprobs: bool):
-        self._call = call
+    def __init__(self, start, timeout: float | None, with_logprobs: bool, retry: RetryPolicy):
+        self._start = start
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
+        self._call = start(timeout)
+        self._retry = retry
+        self._cancelled = False
         self._with_logprobs = with_logprobs
         self.request_id = ""
         self.stats: Stats | None = None
@@ -27,21 +35,33 @@ class Stream:
         return "".join(self._parts)
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     def __iter__(self):
-        try:
-            for msg in self._call:
-                self.request_id = msg.request_id
-                if msg.HasField("token"):
-                    tok = token_from_proto(msg.token, self._with_logprobs)
-                    self._parts.append(tok.text)
-                    yield tok
-                else:
-                    self.stats = stats_from_proto(msg.final)
-                    self._parts.append(self.stats.text_tail)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        attempt, delivered = 1, False
+        while True:
+            try:
+                for msg in self._call:
+                    self.request_id = msg.request_id
+                    if msg.HasField("token"):
+                        tok = token_from_proto(msg.token, self._with_logprobs)
+                        self._parts.append(tok.text)
+                        delivered = True
+                        yield tok
+                    else:
+                        self.stats = stats_from_proto(msg.final)
+                        self._parts.append(self.stats.text_tail)
+                return
+            except grpc.RpcError as exc:
+                remaining = None if self._deadline is None else self._deadline - time.monotonic()
+                delay = self._retry.delay_s(attempt)
+                if (self._cancelled or not self._retry.should_retry(exc.code(), attempt, delivered)
+                        or (remaining is not None and remaining <= delay)):
+                    raise from_rpc_error(exc) from None
+                time.sleep(delay)
+                attempt += 1
+                self._call = self._start(None if remaining is None else remaining - delay)
 
 
 class R2RClient:
@@ -49,8 +69,10 @@ class R2RClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
                  wait_for_ready: bool = False, token: str | None = None, tls: bool = False, tls_ca=None,
-                 tls_client_cert=None, tls_client_key=None, tls_server_name: str | None = None):
+                 tls_client_cert=None, tls_client_key=None, tls_server_name: str | None = None,
+                 retry: RetryPolicy = RetryPolicy()):
         self.target = target
+        self.retry = retry
         creds = channel_credentials(credentials, tls=tls, tls_ca=tls_ca, tls_client_cert=tls_client_cert,
                                     tls_client_key=tls_client_key)
         options = channel_options(_OPTIONS, tls_server_name)
@@ -78,9 +100,12 @@ class R2RClient:
     def stream(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
                **params) -> Stream:
         req = build_request(prompt, **params)
-        call = self._stub.Generate(req, timeout=timeout, wait_for_ready=self._wait_for_ready,
-                                   metadata=self._metadata(token))
-        return Stream(call, req.logprobs)
+        metadata = self._metadata(token)
+
+        def start(t):
+            return self._stub.Generate(req, timeout=t, wait_for_ready=self._wait_for_ready, metadata=metadata)
+
+        return Stream(start, timeout, req.logprobs, self.retry)
 
     def generate(self, prompt: Prompt, *, timeout: float | None = None, token: str | None = None,
                  **params) -> Result:
@@ -89,8 +114,13 @@ class R2RClient:
         return Result(request_id=stream.request_id, text=stream.text, tokens=tokens, stats=stream.stats)
 
     def server_info(self, timeout: float | None = 10.0, token: str | None = None) -> coordinator_pb2.ServerInfo:
-        try:
-            return self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
-                                            wait_for_ready=self._wait_for_ready, metadata=self._metadata(token))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        attempt = 1
+        while True:
+            try:
+                return self._stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout,
+                                                wait_for_ready=self._wait_for_ready, metadata=self._metadata(token))
+            except grpc.RpcError as exc:
+                if not self.retry.should_retry(exc.code(), attempt, delivered_tokens=False):
+                    raise from_rpc_error(exc) from None
+                time.sleep(self.retry.delay_s(attempt))
+                attempt += 1
