@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from r2r_serve.common.decode_guard import DecodeGuard
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.security import ServerTLS
 
@@ -82,7 +83,8 @@ async def start_server(
     """Create, register and start an aio server. `register(server)` adds servicers and returns their
     full service names (for health and reflection). Health starts NOT_SERVING. With `tls` the port serves
     TLS only (mutual TLS when it names a client CA); without, plain."""
-    server = grpc.aio.server(options=channel_options(max_message_bytes), interceptors=list(interceptors))
+    server = grpc.aio.server(options=channel_options(max_message_bytes),
+                             interceptors=[*interceptors, DecodeGuard()])
     names = list(register(server))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
