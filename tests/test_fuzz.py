@@ -240,7 +240,7 @@ async def test_worker_extend_fuzz(services, baseline, role):
     @given(items=st.lists(extend_items(), max_size=6), batch_id=st.integers(0, 2**64 - 1))
     def run(items, batch_id):
         req = worker_pb2.ExtendRequest(batch_id=batch_id, items=items)
-        TRIED[f"worker.Extend"] += 1
+        TRIED["worker.Extend"] += 1
         try:
             resp = stub.Extend(req, timeout=60)
         except grpc.RpcError as exc:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 
-from r2r_client import InvalidRequest
 
 
 async def test_seeded_sampling_is_reproducible_and_seed_dependent(client):

@@ -131,8 +131,9 @@ class StreamBatcher(Generic[Item, Result]):
                     self._call.cancel()
                 self._call = None
                 if asyncio.get_running_loop().time() + delay > deadline:
+                    reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                     raise PeerUnavailable(f"{self.name} unreachable for {self.reconnect_timeout_s:.0f}s: "
-                                          f"{getattr(exc, 'details', lambda: str(exc))()}") from exc
+                                          f"{reason}") from exc
                 log.warning("stream_broken", peer=self.name, error=str(exc)[:200], retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import grpc
 import structlog
 import uvicorn
 from starlette.applications import Starlette

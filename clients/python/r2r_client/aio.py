@@ -3,70 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 
 from r2r_client.credentials import channel_credentials, channel_options, token_metadata
 from r2r_client.errors import Cancelled, from_rpc_error
 from r2r_client.retry import RetryPolicy
-from r2r_client.types import Prompt, Result, Stats, Token, build_request, stats_from_proto, token_from_proto
+from r2r_client.streaming import StreamBase
+from r2r_client.types import Prompt, Result, build_request
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
-class AsyncStream:
+class AsyncStream(StreamBase):
     """Async iterator of Token; after it ends, `stats` and `text` (tail included) are set.
-    `cancel()` (or leaving the loop early and calling it) stops generation on the server.
-    `start(timeout)` opens the call; it is called again for a retry (see RetryPolicy)."""
-
-    def __init__(self, start, timeout: float | None, with_logprobs: bool, retry: RetryPolicy):
-        self._start = start
-        self._deadline = time.monotonic() + timeout if timeout is not None else None
-        self._call = start(timeout)
-        self._retry = retry
-        self._with_logprobs = with_logprobs
-        self.request_id = ""
-        self.stats: Stats | None = None
-        self._parts: list[str] = []
-        self._cancelled = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self._parts)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
+    `cancel()` (or leaving the loop early and calling it) stops generation on the server."""
 
     def __aiter__(self):
         return self._iterate()
 
     async def _iterate(self):
-        attempt, delivered = 1, False
         while True:
             try:
                 async for msg in self._call:
-                    self.request_id = msg.request_id
-                    if msg.HasField("token"):
-                        tok = token_from_proto(msg.token, self._with_logprobs)
-                        self._parts.append(tok.text)
-                        delivered = True
+                    tok = self._consume(msg)
+                    if tok is not None:
                         yield tok
-                    else:
-                        self.stats = stats_from_proto(msg.final)
-                        self._parts.append(self.stats.text_tail)
                 return
             except grpc.aio.AioRpcError as exc:
-                remaining = None if self._deadline is None else self._deadline - time.monotonic()
-                delay = self._retry.delay_s(attempt)
-                if (self._cancelled or not self._retry.should_retry(exc.code(), attempt, delivered)
-                        or (remaining is not None and remaining <= delay)):
+                delay = self._retry_delay(exc.code())
+                if delay is None:
                     raise from_rpc_error(exc) from None
                 await asyncio.sleep(delay)
-                attempt += 1
-                self._call = self._start(None if remaining is None else remaining - delay)
+                self._reopen()
             except asyncio.CancelledError:
                 if self._cancelled:  # our own cancel(): a typed error, not a task cancellation
                     raise Cancelled("the request was cancelled by this client") from None
