@@ -240,7 +240,8 @@ class ModelEngine:
         params = [works[i].sampling for i in chunk]
         positions = [s.length for s in sessions]  # position of the token being chosen
         tokens, logprobs = choose_tokens(logits, params, positions)
-        want = [works[i].want_features for i in chunk]
+        # Router features are the SLM's to give: an LLM worker ignores the flag (and saves the work).
+        want = [works[i].want_features and self.config.role == "slm" for i in chunk]
         feats = [None] * len(chunk)
         if any(want):
             rows = [j for j, w in enumerate(want) if w]
