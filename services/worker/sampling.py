@@ -30,8 +30,8 @@ class Sampling:
 
 def validate(s: Sampling) -> str | None:
     """A readable reason the parameters are invalid, or None."""
-    if not (s.temperature >= 0.0) or s.temperature != s.temperature:
-        return f"temperature must be >= 0, got {s.temperature}"
+    if not (0.0 <= s.temperature < float("inf")):  # also refuses NaN
+        return f"temperature must be a finite number >= 0, got {s.temperature}"
     if s.top_p != 0.0 and not (0.0 < s.top_p <= 1.0):
         return f"top_p must be in (0, 1], got {s.top_p}"
     if s.top_k < 0:
