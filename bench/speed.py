@@ -50,19 +50,15 @@ def machine_description() -> str:
 
 def start_services(args):
     from r2r_serve.cli import _resolve_pair
-    from r2r_serve.launcher import LocalCluster
+    from r2r_serve.launcher import LocalCluster, start_deployment
 
     slm, llm = _resolve_pair(args)
     cluster = LocalCluster(args.log_dir)
-    common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
     with console.status("starting SLM worker, LLM worker, router and coordinator ..."):
-        s = cluster.start("slm", ["worker", "--role", "slm", "--model", slm, "--dtype", args.slm_dtype, *common])
-        l = cluster.start("llm", ["worker", "--role", "llm", "--model", llm, "--dtype", args.llm_dtype, *common])
-        router = ["router", "--strategy", args.router_strategy] + (
-            ["--checkpoint", args.router_checkpoint] if args.router_checkpoint else [])
-        r = cluster.start("router", router)
-        c = cluster.start("coordinator", ["coordinator", "--slm", s, "--llm", l, "--router", r])
-    return cluster, c, slm, llm
+        d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                             device=args.device, threads=args.threads, router_strategy=args.router_strategy,
+                             router_checkpoint=args.router_checkpoint, say=lambda *a, **k: None)
+    return cluster, d.coordinator, slm, llm
 
 
 def run(args) -> dict:

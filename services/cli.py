@@ -85,49 +85,24 @@ def _resolve_pair(args) -> tuple[str, str]:
 
 def cmd_serve(args) -> int:
     from r2r_serve.common.security import generate_dev_certs, load_tokens
-    from r2r_serve.launcher import LocalCluster
+    from r2r_serve.launcher import LocalCluster, start_deployment
 
     slm, llm = _resolve_pair(args)
     slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else _auto_dtype(args.device)
     llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else _auto_dtype(args.device)
     token = (load_tokens(args.auth_token) or [None])[0]
     certs = generate_dev_certs(args.tls_dir) if args.tls_dir else None
-    # With --tls-dir: every internal service requires the CA-signed client certificate (mutual TLS) that only
-    # the coordinator (and this launcher's health checks) holds; the coordinator's and the gateway's public ports
-    # serve TLS with the same CA's server certificate. The token reaches the coordinator by environment.
-    internal_tls = (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
-                     "--tls-client-ca", str(certs.ca)] if certs else [])
     cluster = LocalCluster(args.log_dir, tls=certs.client() if certs else None)
     print(f"logs: {cluster.log_dir}", flush=True)
     if certs:
         print(f"TLS: certificates in {certs.dir} (mutual TLS between the services)", flush=True)
     try:
-        common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-        common += internal_tls
-        slm_eps, llm_eps = [], []
-        for role, model, dtype, count, eps in (("slm", slm, slm_dtype, args.slm_replicas, slm_eps),
-                                               ("llm", llm, llm_dtype, args.llm_replicas, llm_eps)):
-            for i in range(count):
-                name = role if count == 1 else f"{role}-{i}"
-                print(f"starting {name} worker ({model}, {dtype}) ...", flush=True)
-                eps.append(cluster.start(name, ["worker", "--role", role, "--model", model, "--dtype", dtype,
-                                                *common]))
-        slm_ep, llm_ep = ",".join(slm_eps), ",".join(llm_eps)
-        router_args = ["router", "--strategy", args.router_strategy, *internal_tls]
-        if args.router_checkpoint:
-            router_args += ["--checkpoint", args.router_checkpoint]
-        router_ep = cluster.start("router", router_args)
-        coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep]
-        if args.threshold is not None:
-            coord_args += ["--threshold", str(args.threshold)]
-        if certs:
-            coord_args += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
-                           "--tls-ca", str(certs.ca), "--tls-client-cert", str(certs.client_cert),
-                           "--tls-client-key", str(certs.client_key)]
-        coord_ep = cluster.start("coordinator", coord_args, port=args.port,
-                                 env={"R2R_AUTH_TOKEN": token} if token else None)
-        print(f"R2R coordinator listening on {coord_ep}  (slm {slm_ep}, llm {llm_ep}, router {router_ep})",
-              flush=True)
+        d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=args.device,
+                             threads=args.threads, slm_replicas=args.slm_replicas, llm_replicas=args.llm_replicas,
+                             router_strategy=args.router_strategy, router_checkpoint=args.router_checkpoint,
+                             threshold=args.threshold, port=args.port, certs=certs, token=token)
+        coord_ep = d.coordinator
+        print(f"R2R coordinator listening on {coord_ep}  (slm {d.slm}, llm {d.llm}, router {d.router})", flush=True)
         if args.gateway_port:
             from r2r_serve.gateway.app import wait_http_healthy
 

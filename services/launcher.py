@@ -87,3 +87,48 @@ class LocalCluster:
 
     def check_alive(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
+
+
+@dataclass
+class Deployment:
+    coordinator: str
+    slm: str      # comma-separated replica endpoints
+    llm: str
+    router: str
+
+
+def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: str, llm_dtype: str,
+                     device: str = "cpu", threads: int = 0, slm_replicas: int = 1, llm_replicas: int = 1,
+                     router_strategy: str = "auto", router_checkpoint: str | None = None,
+                     threshold: float | None = None, port: int | None = None, certs=None,
+                     token: str | None = None, say=print) -> Deployment:
+    """Start SLM worker(s), LLM worker(s), the router and the coordinator, in dependency order.
+
+    With `certs` (security.generate_dev_certs) every internal service requires the CA-signed client
+    certificate (mutual TLS) that only the coordinator (and the launcher's health checks) holds; the
+    coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
+    never on its command line."""
+    internal_tls = (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                     "--tls-client-ca", str(certs.ca)] if certs else [])
+    common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls
+    endpoints: dict[str, list[str]] = {"slm": [], "llm": []}
+    for role, model, dtype, count in (("slm", slm, slm_dtype, slm_replicas), ("llm", llm, llm_dtype, llm_replicas)):
+        for i in range(count):
+            name = role if count == 1 else f"{role}-{i}"
+            say(f"starting {name} worker ({model}, {dtype}) ...", flush=True)
+            endpoints[role].append(cluster.start(name, ["worker", "--role", role, "--model", model,
+                                                        "--dtype", dtype, *common]))
+    slm_ep, llm_ep = ",".join(endpoints["slm"]), ",".join(endpoints["llm"])
+    router_args = ["router", "--strategy", router_strategy, *internal_tls]
+    if router_checkpoint:
+        router_args += ["--checkpoint", router_checkpoint]
+    router_ep = cluster.start("router", router_args)
+    coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep]
+    if threshold is not None:
+        coord_args += ["--threshold", str(threshold)]
+    if certs:
+        coord_args += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+                       "--tls-ca", str(certs.ca), "--tls-client-cert", str(certs.client_cert),
+                       "--tls-client-key", str(certs.client_key)]
+    coord_ep = cluster.start("coordinator", coord_args, port=port, env={"R2R_AUTH_TOKEN": token} if token else None)
+    return Deployment(coordinator=coord_ep, slm=slm_ep, llm=llm_ep, router=router_ep)

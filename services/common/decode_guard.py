@@ -10,8 +10,12 @@ from __future__ import annotations
 import grpc
 
 
-async def _abort(context, exc: Exception):
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {exc}")
+async def _parse(parse, raw: bytes, context):
+    """The decoded request, or the call aborted with INVALID_ARGUMENT."""
+    try:
+        return parse(raw)
+    except Exception as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {exc}")
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
@@ -23,27 +27,15 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
         async def parsed_stream(raw_requests, context):
             async for raw in raw_requests:
-                try:
-                    request = parse(raw)
-                except Exception as exc:
-                    await _abort(context, exc)
-                yield request
+                yield await _parse(parse, raw, context)
 
         if handler.unary_unary:
             async def unary_unary(raw, context):
-                try:
-                    request = parse(raw)
-                except Exception as exc:
-                    await _abort(context, exc)
-                return await handler.unary_unary(request, context)
+                return await handler.unary_unary(await _parse(parse, raw, context), context)
             return grpc.unary_unary_rpc_method_handler(unary_unary, None, serialize)
         if handler.unary_stream:
             async def unary_stream(raw, context):
-                try:
-                    request = parse(raw)
-                except Exception as exc:
-                    await _abort(context, exc)
-                async for response in handler.unary_stream(request, context):
+                async for response in handler.unary_stream(await _parse(parse, raw, context), context):
                     yield response
             return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
         if handler.stream_stream:
