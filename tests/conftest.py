@@ -2,11 +2,15 @@
 
 The models run in float64 so that batched, padded forwards and the plain reference agree to ~1e-15:
 kernel-order rounding cannot flip a greedy choice, and comparisons stay exact.
+
+`R2R_TEST_DEVICE=cuda` runs the workers and the reference models on a GPU (still float64), to check the
+CUDA code path with the same anchors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import types
 
 import pytest
@@ -21,6 +25,7 @@ from r2r_serve.worker.app import start_worker
 from r2r_serve.worker.engine import EngineConfig
 
 TOP_K = 8
+DEVICE = os.environ.get("R2R_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -34,14 +39,14 @@ def hf(tiny_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def load(name):
-        return AutoModelForCausalLM.from_pretrained(str(tiny_pair[name]), dtype=torch.float64).eval()
+        return AutoModelForCausalLM.from_pretrained(str(tiny_pair[name]), dtype=torch.float64).to(DEVICE).eval()
 
     return types.SimpleNamespace(slm=load("slm"), llm=load("llm"),
                                  tokenizer=AutoTokenizer.from_pretrained(str(tiny_pair["slm"])))
 
 
 def worker_config(path, role: str, **kw) -> EngineConfig:
-    return EngineConfig(model=str(path), role=role, dtype="float64", features_top_k=TOP_K, **kw)
+    return EngineConfig(model=str(path), role=role, dtype="float64", features_top_k=TOP_K, device=DEVICE, **kw)
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -98,7 +103,7 @@ async def neural_router(services, hf, tmp_path_factory):
             for n in range(2, len(ids) + 1):
                 _, feats = slm_features(hf.slm, ids[:n], TOP_K)
                 rows.append(feats)
-                x = torch.tensor([ids[:n]])
+                x = torch.tensor([ids[:n]], device=hf.slm.device)
                 slm_logits = hf.slm(x).logits[0, -1]
                 llm_token = int(torch.argmax(hf.llm(x).logits[0, -1]))
                 ranks.append(int((slm_logits > slm_logits[llm_token]).sum()))

@@ -22,15 +22,15 @@ class ReferenceRun:
 
 def slm_features(slm, ids: list[int], top_k: int) -> tuple[int, FeatureBatch]:
     """The SLM's greedy proposal after `ids` and the router features of that step."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=slm.device)
     hidden = slm.model(x).last_hidden_state[0, -1]           # final-norm output
     logits = slm.lm_head(hidden).double()
     token = int(torch.argmax(logits))
     logp = torch.log_softmax(logits, -1)
     entropy = float(-(logp.exp() * logp).sum())
     batch = FeatureBatch(
-        hidden=hidden[None].float(), topk_logits=torch.topk(logits, top_k).values[None].float(),
-        token_embedding=slm.get_input_embeddings().weight[token][None].float(),
+        hidden=hidden[None].float().cpu(), topk_logits=torch.topk(logits, top_k).values[None].float().cpu(),
+        token_embedding=slm.get_input_embeddings().weight[token][None].float().cpu(),
         token_ids=torch.tensor([token]), entropy=torch.tensor([entropy], dtype=torch.float64),
         top1_prob=torch.tensor([float(logp.exp().max())], dtype=torch.float64), vocab_size=logits.shape[-1])
     return token, batch
@@ -48,7 +48,7 @@ def reference_r2r(slm, llm, prompt: list[int], max_new: int, threshold: float, s
                 # The service sends P and the threshold as float32: compare the same way.
                 p = float(np.float32(strategy.score(feats)[0]))
             if threshold <= 0 or p >= float(np.float32(threshold)):
-                token = int(torch.argmax(llm(torch.tensor([ids])).logits[0, -1]))
+                token = int(torch.argmax(llm(torch.tensor([ids], device=llm.device)).logits[0, -1]))
                 source = "llm"
         if token in eos:
             break

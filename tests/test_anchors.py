@@ -24,7 +24,7 @@ PROMPTS = [
 
 
 def hf_generate(model, ids: list[int], max_new: int, eos: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+    out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
                          pad_token_id=eos)
     gen = out[0, len(ids):].tolist()
     return gen[: gen.index(eos)] if eos in gen else gen
