@@ -20,7 +20,8 @@ from r2r_serve.router.checkpoint import (CheckpointError, CheckpointMeta, Thresh
 from r2r_serve.router.features import FeatureBatch
 from r2r_serve.router.mlp import RouterConfig, RouterMLP
 from r2r_serve.router.servicer import SERVICE_NAME
-from r2r_serve.router.strategies import (EntropyStrategy, NeuralStrategy, Top1Strategy, load_strategy)
+from r2r_serve.router.strategies import (EntropyStrategy, NeuralStrategy, RandomStrategy, Top1Strategy,
+                                         load_strategy)
 
 H, K, V = 32, 8, 384
 
@@ -346,3 +347,60 @@ def test_neural_strategy_is_batch_invariant(trained):
     assert torch.equal(one_by_one.float(), probs.float())
     assert strategy.score(FeatureBatch.empty(H, K)).shape == (0,)
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not converted
+
+
+# ---- random router (the control at a matched LLM share) ---------------------------------------------
+def test_random_strategy_draws_uniformly():
+    batch = random_batch(5000, seed=16, hidden=0)
+    strategy = RandomStrategy()
+    scores = strategy.score(batch)
+    assert scores.dtype == torch.float64 and scores.shape == (5000,)
+    assert bool(((scores >= 0) & (scores < 1)).all())
+    assert torch.equal(scores.float().double(), scores)  # exact on the float32 wire, so still < 1 there
+    assert strategy.default_threshold == 0.9
+    share = float((scores >= strategy.default_threshold).double().mean())
+    assert abs(share - 0.10) <= 0.015, share
+    assert abs(float(scores.mean()) - 0.5) < 0.02
+    assert strategy.score(FeatureBatch.empty(0, K)).shape == (0,)
+
+
+def test_random_strategy_is_seeded_and_batch_invariant():
+    batch = random_batch(200, seed=17, hidden=0)
+    scores = RandomStrategy(seed=0).score(batch)
+    assert torch.equal(RandomStrategy(seed=0).score(batch), scores)
+    other = RandomStrategy(seed=1).score(batch)
+    assert float((other != scores).double().mean()) > 0.99
+    # Keyed on each row, not drawn from a stream: order, batch splits and top_k do not matter.
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(RandomStrategy().score(batch.select(order)), scores[order])
+    one_by_one = torch.cat([RandomStrategy().score(batch.select([i])) for i in range(200)])
+    assert torch.equal(one_by_one, scores)
+    narrow = FeatureBatch.random(200, 0, 2, vocab_size=V, generator=torch.Generator().manual_seed(17))
+    assert torch.equal(RandomStrategy().score(narrow), scores)
+    # One token id in many contexts still draws independently.
+    same_token = FeatureBatch(batch.hidden, batch.topk_logits, batch.token_embedding, torch.zeros(200, dtype=torch.long),
+                              batch.entropy, batch.top1_prob, batch.vocab_size)
+    assert len(set(RandomStrategy().score(same_token).tolist())) > 190
+
+
+def test_random_strategy_loads():
+    strategy = load_strategy("random", None, seed=7)
+    assert isinstance(strategy, RandomStrategy) and strategy.name == "random" and strategy.seed == 7
+    assert not strategy.reads_tensors and load_strategy("random").seed == 0
+    args = add_router_args(__import__("argparse").ArgumentParser()).parse_args(["--strategy", "random", "--seed", "3"])
+    assert (args.strategy, args.seed) == ("random", 3)
+    assert add_router_args(__import__("argparse").ArgumentParser()).parse_args([]).seed == 0
+
+
+async def test_random_over_grpc_matches_in_process():
+    batch = random_batch(64, seed=18, hidden=0)
+    handle = await start_router("random", seed=5)
+    try:
+        channel, stub = stub_for(handle)
+        async with channel:
+            info = await stub.GetInfo(router_pb2.GetRouterInfoRequest())
+            resp = await stub.Score(router_pb2.ScoreRequest(batch_id=1, features=batch.to_protos()))
+    finally:
+        await handle.stop(0)
+    assert info.strategy == "random" and info.default_threshold == pytest.approx(0.9)
+    assert torch.equal(torch.tensor(list(resp.probabilities)), RandomStrategy(seed=5).score(batch).float())

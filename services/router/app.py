@@ -31,6 +31,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 = any free port")
     parser.add_argument("--device", default="cpu", help="torch device for the neural router")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="key of the random strategy's per-token draws (same seed, same draws)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     add_server_tls_args(parser)
     return parser
@@ -48,9 +50,11 @@ def warm_up(servicer: RouterServicer) -> float:
 
 
 async def start_router(strategy_name: str = "auto", checkpoint: str | None = None, host: str = "127.0.0.1",
-                       port: int = 0, device: str = "cpu", tls: ServerTLS | None = None) -> ServiceHandle:
-    """Start a router in this process; returns once it is warmed up and SERVING. `tls`: see start_worker."""
-    strategy = await asyncio.to_thread(load_strategy, strategy_name, checkpoint, device)
+                       port: int = 0, device: str = "cpu", tls: ServerTLS | None = None,
+                       seed: int = 0) -> ServiceHandle:
+    """Start a router in this process; returns once it is warmed up and SERVING. `tls`: see start_worker;
+    `seed`: see RandomStrategy."""
+    strategy = await asyncio.to_thread(load_strategy, strategy_name, checkpoint, device, seed)
     servicer = RouterServicer(strategy)
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -63,13 +67,14 @@ async def start_router(strategy_name: str = "auto", checkpoint: str | None = Non
     await handle.set_serving(True)
     log.info("router ready", strategy=strategy.name, checkpoint=strategy.checkpoint,
              hidden_size=strategy.hidden_size, top_k=strategy.top_k,
-             default_threshold=strategy.default_threshold, warmup_ms=round(warm_ms, 3))
+             default_threshold=strategy.default_threshold, seed=getattr(strategy, "seed", None),
+             warmup_ms=round(warm_ms, 3))
     return handle
 
 
 async def run_router(args: argparse.Namespace) -> None:
     start_metrics_server(args.metrics_port)
     handle = await start_router(args.strategy, args.checkpoint, host=args.host, port=args.port, device=args.device,
-                                tls=server_tls_from_args(args))
+                                tls=server_tls_from_args(args), seed=args.seed)
     log.info("listening", host=args.host, port=handle.port)
     await serve_until_signal(handle)
