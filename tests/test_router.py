@@ -378,8 +378,8 @@ def test_random_strategy_is_seeded_and_batch_invariant():
     narrow = FeatureBatch.random(200, 0, 2, vocab_size=V, generator=torch.Generator().manual_seed(17))
     assert torch.equal(RandomStrategy().score(narrow), scores)
     # One token id in many contexts still draws independently.
-    same_token = FeatureBatch(batch.hidden, batch.topk_logits, batch.token_embedding, torch.zeros(200, dtype=torch.long),
-                              batch.entropy, batch.top1_prob, batch.vocab_size)
+    same_token = FeatureBatch(batch.hidden, batch.topk_logits, batch.token_embedding,
+                              torch.zeros(200, dtype=torch.long), batch.entropy, batch.top1_prob, batch.vocab_size)
     assert len(set(RandomStrategy().score(same_token).tolist())) > 190
 
 
