@@ -1,0 +1,310 @@
+"""The evaluation harness: quality (HumanEval pass@1) and speed of R2R against every baseline, in one run.
+
+    python bench/harness.py --limit 10                 # a quick run on the default pair
+    python bench/harness.py                            # all 164 problems (the README table)
+    python bench/harness.py --device cuda              # on a GPU, bf16
+    python bench/harness.py --tiny /tmp/tiny --limit 3 # tiny random models: a smoke run of every stage
+
+What one run does, on one machine:
+1. Starts the SLM and LLM workers once, and a router + coordinator per router strategy (the shipped neural
+   router, the entropy baseline, a random router like the R2R reference's current code).
+2. Calibrates each strategy's threshold for each target LLM share (--shares) on prompts from our own
+   training prompt set (never HumanEval): the score quantile along the SLM's own path.
+3. Quality: every run answers the problems (chat prompt, greedy, up to --max-tokens, stopping at the end
+   of the code block) and the answers are checked by the official HumanEval tests in a sandboxed subprocess.
+   Runs: SLM alone, LLM alone, R2R with each router at each share, HF assisted generation (in-process).
+4. Speed: tokens/s per request, TTFT and inter-token latency at one session (the first --speed-problems
+   answers, or all of them when quality ran at one session), and a concurrency sweep (--sweep) of
+   aggregate tokens/s.
+5. Ideal bound: after stopping the services, times the components in-process (SLM prefill and step, LLM
+   forward of k tokens, router compute) and replays each answer's provenance to get its cost with zero
+   service overhead; reports measured / ideal and where the time goes.
+Writes bench/results/summary.json (schema in the README), summary.md, and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` importable when run as a script
+
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+
+from bench import components as comp  # noqa: E402
+from bench import humaneval, report, runner  # noqa: E402
+
+console = Console()
+STRATEGY_RUN_NAMES = {"neural": "r2r", "entropy": "r2r-entropy", "random": "r2r-random"}
+
+
+def machine_description(device: str) -> str:
+    import platform
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
+    if device.startswith("cuda"):
+        import torch
+
+        desc = f"{torch.cuda.get_device_name(0)} + {desc}"
+    return desc
+
+
+def resolve_pair(args) -> tuple[str, str]:
+    if args.tiny:
+        from r2r_serve.testing.tiny import build_tiny_pair
+
+        paths = build_tiny_pair(args.tiny)
+        return str(paths["slm"]), str(paths["llm"])
+    if args.slm and args.llm:
+        return args.slm, args.llm
+    from r2r_serve.models.registry import default_pair
+
+    slm, llm = default_pair()
+    return args.slm or slm, args.llm or llm
+
+
+def default_checkpoint() -> str | None:
+    path = Path(__file__).resolve().parent.parent / "services/router/checkpoints/qwen2.5-coder-0.5b-instruct.safetensors"
+    return str(path) if path.exists() else None
+
+
+def new_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+def calibration_requests(n: int) -> list[runner.Request]:
+    """The end of our training prompt set: programming tasks from the stdlib, not an evaluation set."""
+    from r2r_serve.training.prompts import build_prompts
+
+    prompts = build_prompts()[-n:]
+    return [runner.Request(f"cal-{p['id']}", [{"role": "user", "content": p["text"]}]) for p in prompts]
+
+
+def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float]) -> list[dict]:
+    runs = [dict(name="slm", strategy=None, threshold=2.0, target_share=0.0),
+            dict(name="llm", strategy=None, threshold=0.0, target_share=1.0)]
+    for strategy, by_share in thresholds.items():
+        for share in shares:
+            runs.append(dict(name=STRATEGY_RUN_NAMES[strategy], strategy=strategy, threshold=by_share[share],
+                             target_share=share))
+    return runs
+
+
+def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str | None]) -> dict:
+    requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
+    speed_requests = requests if args.quality_sessions == 1 else requests[: args.speed_problems]
+    services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                                     strategies=strategies, threads=args.threads, log_dir=args.log_dir,
+                                     say=console.print)
+    out: dict = {"calibration": {}, "runs": [], "sweep": []}
+    try:
+        with new_progress() as progress:
+            for name, target in services.coordinators.items():
+                runner.warm_up(target, [2.0, 0.0, 0.5])
+            cal = calibration_requests(args.calibration_prompts)
+            thresholds = {}
+            for name, target in services.coordinators.items():
+                c = runner.calibrate_thresholds(target, cal, args.shares, max_tokens=args.calibration_max_tokens,
+                                                sessions=args.quality_sessions, progress=progress,
+                                                label=f"calibrate {name}")
+                thresholds[name] = c["thresholds"]
+                out["calibration"][name] = {f"{s:g}": t for s, t in c["thresholds"].items()} | {"positions": c["positions"]}
+            first = next(iter(services.coordinators))
+            for plan in plan_runs(thresholds, args.shares):
+                target = services.coordinators[plan["strategy"] or first]
+                label = f"{plan['name']} share {plan['target_share']:g}"
+                quality = runner.run_requests(target, requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
+                                              sessions=args.quality_sessions, progress=progress, label=label)
+                speed = quality if args.quality_sessions == 1 else runner.run_requests(
+                    target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens, sessions=1,
+                    progress=progress, label=f"{label} (speed, 1 session)")
+                out["runs"].append(dict(plan, quality=quality, speed=speed))
+            sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1]) if p["name"] in args.sweep_runs]
+            sweep_prompts = requests[: max(args.sweep) * args.sweep_rounds]
+            for plan in sweep_plans:
+                for sessions in args.sweep:
+                    target = services.coordinators[plan["strategy"] or first]
+                    r = runner.run_requests(target, sweep_prompts[: sessions * args.sweep_rounds],
+                                            threshold=plan["threshold"], max_tokens=args.sweep_max_tokens,
+                                            sessions=sessions, progress=progress,
+                                            label=f"sweep {plan['name']} x{sessions}")
+                    out["sweep"].append(dict(plan, sessions=sessions, result=r))
+    finally:
+        services.stop()
+    return out
+
+
+def assisted_phase(args, slm: str, llm: str, problems) -> runner.RunResult | None:
+    if args.skip_assisted:
+        return None
+    from bench import assisted
+
+    pair = assisted.load_pair(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                              threads=args.threads)
+    chosen = problems[: args.speed_problems]
+    outcomes = []
+    start = time.perf_counter()
+    with new_progress() as progress:
+        task = progress.add_task("assisted generation", total=len(chosen))
+        for p in chosen:
+            r = assisted.generate(pair, humaneval.chat_messages(p), args.max_tokens, "assisted", stop=runner.STOP)
+            outcomes.append(runner.Outcome(key=p.task_id, text=r.text, sources=["llm"] * r.completion_tokens,
+                                           probabilities=[], prompt_tokens=0, completion_tokens=r.completion_tokens,
+                                           llm_share=1.0, ttft_s=r.ttft_s, total_s=r.total_s,
+                                           tokens_per_s=r.tokens_per_s, finish=""))
+            progress.advance(task)
+    del pair
+    return runner.RunResult(outcomes, time.perf_counter() - start, 1)
+
+
+def ideal_report(result: runner.RunResult, mode: str, components: comp.Components) -> dict:
+    """measured / ideal per request (ideal time / measured time, so 1.0 = no overhead) and the summed parts."""
+    ratios, parts = [], {"slm_s": 0.0, "router_s": 0.0, "llm_s": 0.0, "total_s": 0.0, "measured_s": 0.0}
+    for o in result.outcomes:
+        if o.completion_tokens == 0 or o.total_s <= 0:
+            continue
+        ideal = comp.ideal_seconds(o.sources, o.prompt_tokens, components, mode)
+        ratios.append(ideal["total_s"] / o.total_s)
+        for k, v in ideal.items():
+            parts[k] += v
+        parts["measured_s"] += o.total_s
+    parts["overhead_s"] = parts["measured_s"] - parts["total_s"]
+    return {"measured_over_ideal": statistics.median(ratios) if ratios else None,
+            "breakdown": {k: round(v, 3) for k, v in parts.items()}}
+
+
+def grade(problems, result: runner.RunResult, workers: int) -> dict:
+    by_id = {p.task_id: p for p in problems}
+    chosen = [by_id[o.key] for o in result.outcomes]
+    return humaneval.evaluate(chosen, {o.key: o.text for o in result.outcomes}, workers=workers, progress=False)
+
+
+def run_entry(name, threshold, sessions, speed: runner.RunResult, quality: runner.RunResult | None, graded: dict | None,
+              **extra) -> dict:
+    return dict(name=name, threshold=threshold, sessions=sessions, tokens_per_s=speed.median("tokens_per_s"),
+                aggregate_tokens_per_s=(quality or speed).aggregate_tokens_per_s,
+                llm_share=(quality or speed).llm_share, humaneval_pass1=graded["pass@1"] if graded else None,
+                problems=graded["problems"] if graded else len(speed.outcomes),
+                ttft_s=speed.median("ttft_s"), itl_ms=1000 * speed.median("itl_s"),
+                completion_tokens=statistics.median(o.completion_tokens for o in (quality or speed).outcomes), **extra)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    slm, llm = resolve_pair(args)
+    problems = humaneval.load_problems(args.limit)
+    checkpoint = args.router_checkpoint
+    if checkpoint == "default":
+        checkpoint = None if args.tiny else default_checkpoint()
+    strategies = {"neural": checkpoint} if checkpoint else {}
+    strategies |= {s: None for s in ("entropy", "random") if s in args.baselines}
+    console.print(f"[bold]{len(problems)} HumanEval problems[/]; SLM {slm}, LLM {llm} on {args.device} "
+                  f"({args.slm_dtype}/{args.llm_dtype}); routers: {', '.join(strategies)}")
+    started = time.perf_counter()
+    served = service_phase(args, slm, llm, problems, strategies)
+    assisted_result = assisted_phase(args, slm, llm, problems)
+
+    from r2r_serve.router.strategies import load_strategy
+
+    router = load_strategy("neural", checkpoint) if checkpoint else load_strategy("entropy")
+    components = comp.measure(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                              strategy=router, context=args.component_context, max_prefill=args.component_max_tokens,
+                              repeats=args.component_repeats, say=console.print)
+
+    runs = []
+    for r in served["runs"]:
+        graded = grade(problems, r["quality"], args.grade_workers)
+        mode = "r2r" if r["strategy"] else r["name"]
+        ideal = ideal_report(r["speed"], mode, components)
+        runs.append(run_entry(r["name"], r["threshold"], 1, r["speed"], r["quality"], graded,
+                              target_share=r["target_share"], router=r["strategy"], quality_sessions=args.quality_sessions,
+                              **ideal))
+    if assisted_result:
+        graded = grade(problems, assisted_result, args.grade_workers)
+        runs.append(run_entry("assisted", None, 1, assisted_result, None, graded, router=None))
+    for s in served["sweep"]:
+        res = s["result"]
+        runs.append(run_entry(s["name"], s["threshold"], s["sessions"], res, None, None, sweep=True,
+                              target_share=s["target_share"], router=s["strategy"]))
+    primary = "r2r" if checkpoint else STRATEGY_RUN_NAMES.get(next(iter(strategies), ""), "r2r")
+    neural = [r for r in runs if r["name"] == primary and r.get("measured_over_ideal") and not r.get("sweep")]
+    summary = dict(machine=machine_description(args.device), device=args.device,
+                   date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   model_pair=f"{Path(slm).name} + {Path(llm).name}", slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                   max_tokens=args.max_tokens, runs=runs,
+                   r2r_measured_over_ideal=statistics.median(r["measured_over_ideal"] for r in neural) if neural else None,
+                   calibration=served["calibration"], components=components.to_json(),
+                   command=" ".join(["python bench/harness.py", *(argv if argv is not None else sys.argv[1:])]),
+                   wall_s=round(time.perf_counter() - started, 1))
+    report.print_table(summary, console)
+    report.write(summary, Path(args.out), console)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slm")
+    p.add_argument("--llm")
+    p.add_argument("--tiny", metavar="DIR", help="tiny random models built in DIR (a smoke run)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--slm-dtype", default="auto")
+    p.add_argument("--llm-dtype", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--router-checkpoint", default="default",
+                   help="neural router checkpoint (default: the shipped one for the default pair; '' = no neural router)")
+    p.add_argument("--baselines", default="entropy,random", help="baseline routers to compare")
+    p.add_argument("--limit", type=int, default=None, help="first N HumanEval problems (default: all 164)")
+    p.add_argument("--shares", type=_floats, default=[0.1, 0.2], help="target LLM shares, e.g. 0.05,0.1,0.2")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--quality-sessions", type=int, default=1,
+                   help="concurrent sessions for the quality pass (>1: faster, and speed is measured separately)")
+    p.add_argument("--speed-problems", type=int, default=8, help="answers timed at 1 session (and by assisted)")
+    p.add_argument("--calibration-prompts", type=int, default=8)
+    p.add_argument("--calibration-max-tokens", type=int, default=128)
+    p.add_argument("--sweep", type=_ints, default=[1, 2, 4, 8], help="concurrency levels")
+    p.add_argument("--sweep-runs", default="r2r,llm,slm", help="which runs the sweep covers")
+    p.add_argument("--sweep-rounds", type=int, default=2, help="requests per session in the sweep")
+    p.add_argument("--sweep-max-tokens", type=int, default=128)
+    p.add_argument("--skip-assisted", action="store_true")
+    p.add_argument("--component-context", type=int, default=256)
+    p.add_argument("--component-max-tokens", type=int, default=512)
+    p.add_argument("--component-repeats", type=int, default=5)
+    p.add_argument("--grade-workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--log-dir")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    args.llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    args.baselines = [b for b in args.baselines.split(",") if b]
+    args.sweep_runs = [r for r in args.sweep_runs.split(",") if r]
+    args.router_checkpoint = args.router_checkpoint or None
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

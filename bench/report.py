@@ -1,0 +1,150 @@
+"""Harness output: `summary.json` (the schema anyone can compare runs with), a rich table, the Markdown
+table the README quotes, and two plots (quality vs LLM share; quality vs speed with its Pareto front)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+COLORS = {"slm": "#4c78a8", "llm": "#e45756", "r2r": "#54a24b", "r2r-entropy": "#f58518", "r2r-random": "#9d9d9d",
+          "assisted": "#b279a2"}
+
+
+def _fmt(x, spec=".2f", none="–"):
+    return none if x is None else format(x, spec)
+
+
+def print_table(summary: dict, console: Console) -> None:
+    t = Table(title=f"{summary['model_pair']} on {summary['machine']}")
+    for col in ("run", "threshold", "sessions", "tok/s (median)", "aggregate tok/s", "TTFT s", "ITL ms",
+                "LLM share", "pass@1", "problems", "measured/ideal"):
+        t.add_column(col, justify="right")
+    for r in summary["runs"]:
+        t.add_row(r["name"], _fmt(r["threshold"], ".3g"), str(r["sessions"]), _fmt(r["tokens_per_s"]),
+                  _fmt(r["aggregate_tokens_per_s"]), _fmt(r.get("ttft_s")), _fmt(r.get("itl_ms"), ".0f"),
+                  _fmt(100 * r["llm_share"], ".1f") + "%", _fmt(r["humaneval_pass1"] and 100 * r["humaneval_pass1"], ".1f"),
+                  str(r["problems"]), _fmt(r.get("measured_over_ideal")))
+    console.print(t)
+
+
+def markdown_table(summary: dict) -> str:
+    """The README's table (batch-1 runs; the concurrency sweep is a second table)."""
+    lines = ["| run | threshold | LLM share | HumanEval pass@1 | problems | tok/s (median, 1 session) | TTFT s | "
+             "vs LLM | measured / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+    llm = next((r for r in summary["runs"] if r["name"] == "llm" and r["sessions"] == 1), None)
+    for r in summary["runs"]:
+        if r["sessions"] != 1:
+            continue
+        speedup = r["tokens_per_s"] / llm["tokens_per_s"] if llm and llm["tokens_per_s"] and r["tokens_per_s"] else None
+        pass1 = r["humaneval_pass1"]
+        lines.append(f"| {r['name']} | {_fmt(r['threshold'], '.3g')} | {100 * r['llm_share']:.1f}% | "
+                     f"{_fmt(pass1 and 100 * pass1, '.1f')}{'%' if pass1 is not None else ''} | {r['problems']} | "
+                     f"{_fmt(r['tokens_per_s'])} | {_fmt(r.get('ttft_s'))} | {_fmt(speedup)}x | "
+                     f"{_fmt(r.get('measured_over_ideal'))} |")
+    sweep = [r for r in summary["runs"] if r.get("sweep")]
+    if sweep:
+        lines += ["", "| run | sessions | aggregate tok/s | per-request tok/s (median) | LLM share |", "|---|---|---|---|---|"]
+        for r in sweep:
+            lines.append(f"| {r['name']} | {r['sessions']} | {r['aggregate_tokens_per_s']:.2f} | "
+                         f"{r['tokens_per_s']:.2f} | {100 * r['llm_share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write(summary: dict, out_dir: Path, console: Console) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    stamp = summary["date"][:19].replace(":", "").replace("-", "")
+    (out_dir / f"summary-{stamp}.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "summary.md").write_text(markdown_table(summary))
+    console.print(f"wrote {out_dir / 'summary.json'} and summary.md")
+    try:
+        plot_quality_vs_share(summary, out_dir / "quality_vs_share.png")
+        plot_pareto(summary, out_dir / "quality_vs_speed.png")
+        console.print(f"wrote {out_dir / 'quality_vs_share.png'} and quality_vs_speed.png")
+    except ImportError:
+        console.print("matplotlib not installed: no plots (pip install -e .[bench])")
+
+
+def _family(name: str) -> str:
+    return name if name in COLORS else "r2r"
+
+
+def _quality_runs(summary: dict) -> list[dict]:
+    return [r for r in summary["runs"] if r["humaneval_pass1"] is not None and r["sessions"] == 1 and not r.get("sweep")]
+
+
+def _subtitle(summary: dict) -> str:
+    return f"{summary['model_pair']}, {summary.get('device', '')} — {summary['machine'][:70]}"
+
+
+def plot_quality_vs_share(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _quality_runs(summary)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for family in ("r2r", "r2r-entropy", "r2r-random"):
+        pts = sorted((r["llm_share"], r["humaneval_pass1"]) for r in runs if r["name"] == family)
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], "o-", color=COLORS[family],
+                    label={"r2r": "R2R, trained router", "r2r-entropy": "R2R, entropy router",
+                           "r2r-random": "R2R, random router"}[family])
+    for name, label in (("slm", "SLM alone"), ("llm", "LLM alone"), ("assisted", "assisted generation")):
+        for r in runs:
+            if r["name"] == name:
+                ax.scatter([100 * r["llm_share"]], [100 * r["humaneval_pass1"]], s=60, marker="s",
+                           color=COLORS[name], label=f"{label} ({r['problems']} problems)" if name == "assisted" else label,
+                           zorder=3)
+    ax.set_xlabel("LLM token share (%)")
+    ax.set_ylabel("HumanEval pass@1 (%)")
+    ax.set_title("Quality vs LLM share\n" + _subtitle(summary), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten on both speed (x) and quality (y), sorted by speed."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return sorted(front)
+
+
+def plot_pareto(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in _quality_runs(summary) if r["tokens_per_s"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    seen = set()
+    for r in runs:
+        fam = _family(r["name"])
+        ax.scatter([r["tokens_per_s"]], [100 * r["humaneval_pass1"]], color=COLORS[fam], s=50, zorder=3,
+                   label=fam if fam not in seen else None)
+        seen.add(fam)
+        if fam.startswith("r2r"):
+            ax.annotate(f"{100 * r['llm_share']:.0f}%", (r["tokens_per_s"], 100 * r["humaneval_pass1"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    front = pareto_front([(r["tokens_per_s"], 100 * r["humaneval_pass1"]) for r in runs])
+    if len(front) > 1:
+        ax.plot(*zip(*front), "--", color="black", alpha=0.5, label="Pareto front")
+    ax.set_xlabel("tokens/s per request (median, 1 session)")
+    ax.set_ylabel("HumanEval pass@1 (%)")
+    ax.set_title("Quality vs speed (R2R points labelled with their LLM share)\n" + _subtitle(summary), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

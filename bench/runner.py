@@ -1,0 +1,169 @@
+"""The service side of the harness: one deployment with a coordinator per router strategy, threshold
+calibration for target LLM shares, and request runs (one pass over prompts, or a concurrency level).
+
+All strategies share the same SLM and LLM worker processes: each gets its own router and coordinator,
+so switching strategy never reloads a model and every run sees the same warm workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from rich.progress import Progress
+
+STOP = ["\n```\n"]  # end of the answer's code block: the prose after it is not graded, so don't pay for it
+
+
+@dataclass
+class Request:
+    key: str                      # task id or prompt index
+    messages: list[dict]
+
+
+@dataclass
+class Outcome:
+    key: str
+    text: str
+    sources: list[str]
+    probabilities: list[float]
+    prompt_tokens: int
+    completion_tokens: int
+    llm_share: float
+    ttft_s: float
+    total_s: float
+    tokens_per_s: float
+    finish: str
+
+    @property
+    def itl_s(self) -> float:
+        """Mean inter-token latency after the first token."""
+        return (self.total_s - self.ttft_s) / (self.completion_tokens - 1) if self.completion_tokens > 1 else 0.0
+
+
+@dataclass
+class RunResult:
+    outcomes: list[Outcome]
+    wall_s: float
+    sessions: int
+
+    def median(self, attr: str) -> float:
+        values = [getattr(o, attr) for o in self.outcomes if o.completion_tokens > 0]
+        return statistics.median(values) if values else 0.0
+
+    @property
+    def aggregate_tokens_per_s(self) -> float:
+        return sum(o.completion_tokens for o in self.outcomes) / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def llm_share(self) -> float:
+        """Token-weighted share of the whole run (not a median of per-request shares)."""
+        total = sum(o.completion_tokens for o in self.outcomes)
+        return sum(o.sources.count("llm") for o in self.outcomes) / total if total else 0.0
+
+
+@dataclass
+class Services:
+    """A running local deployment: coordinator address per strategy name."""
+
+    cluster: object
+    coordinators: dict[str, str] = field(default_factory=dict)
+    slm: str = ""
+    llm: str = ""
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype: str, strategies: dict[str, str | None],
+                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, say=print,
+                   worker_args: tuple[str, ...] = ()) -> Services:
+    """Workers once, then a router + coordinator per strategy ({name: checkpoint or None})."""
+    from r2r_serve.launcher import LocalCluster, start_deployment
+
+    cluster = LocalCluster(log_dir)
+    say(f"service logs: {cluster.log_dir}")
+    names = list(strategies)
+    first = names[0]
+    d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=device,
+                         threads=threads, router_strategy=first, router_checkpoint=strategies[first],
+                         say=lambda *a, **k: None)
+    services = Services(cluster, {first: d.coordinator}, d.slm, d.llm)
+    for name in names[1:]:
+        router_args = ["router", "--strategy", name] + (["--checkpoint", strategies[name]] if strategies[name] else [])
+        router = cluster.start(f"router-{name}", router_args)
+        services.coordinators[name] = cluster.start(
+            f"coordinator-{name}", ["coordinator", "--slm", d.slm, "--llm", d.llm, "--router", router,
+                                    "--max-concurrent-sessions", str(max_sessions)])
+    return services
+
+
+async def _one(client, req: Request, threshold: float, max_tokens: int, stop: list[str]) -> Outcome:
+    r = await client.generate(req.messages, max_tokens=max_tokens, threshold=threshold, stop=stop)
+    s = r.stats
+    return Outcome(key=req.key, text=r.text, sources=r.sources,
+                   probabilities=[t.router_probability if t.router_probability is not None else -1.0 for t in r.tokens],
+                   prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens, llm_share=s.llm_share,
+                   ttft_s=s.time_to_first_token_s, total_s=s.total_s, tokens_per_s=s.tokens_per_s,
+                   finish=s.finish_reason)
+
+
+async def _run(target: str, requests: list[Request], threshold: float, max_tokens: int, sessions: int,
+               stop: list[str], progress: Progress | None, label: str) -> RunResult:
+    """Keep `sessions` requests in flight until all are done (a closed loop, like a fixed pool of users)."""
+    from r2r_client import AsyncR2RClient
+
+    queue: asyncio.Queue[Request] = asyncio.Queue()
+    for r in requests:
+        queue.put_nowait(r)
+    outcomes: list[Outcome] = []
+    task = progress.add_task(label, total=len(requests)) if progress else None
+
+    async def user(client):
+        while not queue.empty():
+            req = queue.get_nowait()
+            outcomes.append(await _one(client, req, threshold, max_tokens, stop))
+            if progress:
+                progress.advance(task)
+
+    async with AsyncR2RClient(target, wait_for_ready=True) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(user(client) for _ in range(min(sessions, len(requests)))))
+        wall = time.perf_counter() - start
+    order = {r.key: i for i, r in enumerate(requests)}
+    outcomes.sort(key=lambda o: order[o.key])
+    return RunResult(outcomes, wall, sessions)
+
+
+def run_requests(target: str, requests: list[Request], *, threshold: float, max_tokens: int, sessions: int = 1,
+                 stop: list[str] | None = None, progress: Progress | None = None, label: str = "") -> RunResult:
+    return asyncio.run(_run(target, requests, threshold, max_tokens, sessions, STOP if stop is None else stop,
+                            progress, label))
+
+
+def warm_up(target: str, thresholds: list[float]) -> None:
+    """One short request per threshold: first-call costs (allocations, stream set-up) are not measured."""
+    msgs = [{"role": "user", "content": "Say hi."}]
+    for t in thresholds:
+        run_requests(target, [Request("warm-up", msgs)], threshold=t, max_tokens=4)
+
+
+def calibrate_thresholds(target: str, requests: list[Request], shares: list[float], *, max_tokens: int,
+                         sessions: int, progress: Progress | None = None, label: str = "") -> dict:
+    """Thresholds that route each target share of the SLM's own path.
+
+    At threshold 1.0 the router scores every token but (P < 1) routes none, so one pass gives the score
+    distribution along the SLM's greedy path; the (1 - share) quantile routes `share` of those positions.
+    The realized share under routing differs a little (routed tokens change the path): runs report it."""
+    run = run_requests(target, requests, threshold=1.0, max_tokens=max_tokens, sessions=sessions, progress=progress,
+                       label=label)
+    scores = sorted(p for o in run.outcomes for p in o.probabilities if p >= 0)
+    if not scores:
+        raise RuntimeError("calibration saw no router scores: is the router reachable?")
+    out = {}
+    for share in shares:
+        idx = min(len(scores) - 1, max(0, int(round((1.0 - share) * len(scores)))))
+        out[share] = float(scores[idx])
+    return {"thresholds": out, "positions": len(scores)}
