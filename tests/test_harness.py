@@ -1,0 +1,87 @@
+"""The evaluation harness (bench/harness.py): its arithmetic, and one whole run on the tiny pair that must
+produce the documented summary.json, the Markdown table and both plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import components as comp  # noqa: E402
+from bench import report  # noqa: E402
+from bench.harness import main as harness_main  # noqa: E402
+
+RUN_KEYS = {"name": str, "sessions": int, "tokens_per_s": float, "aggregate_tokens_per_s": float,
+            "llm_share": float, "problems": int}
+
+
+def table(**ms) -> comp.CostTable:
+    return comp.CostTable({int(k[1:]): v for k, v in ms.items()})
+
+
+def test_cost_table_interpolates_and_extrapolates():
+    t = table(k1=10.0, k2=20.0, k8=50.0)
+    assert t.at(1) == 10.0 and t.at(0.5) == 10.0
+    assert t.at(5) == pytest.approx(35.0)
+    assert t.at(14) == pytest.approx(80.0)  # past the last point: the last segment's slope
+
+
+def components(router_ms=1.0) -> comp.Components:
+    return comp.Components(slm_prefill=table(k16=100.0, k32=200.0), slm_step_ms=10.0,
+                           llm_forward=table(k1=30.0, k2=40.0, k16=100.0, k32=160.0), router_ms=router_ms,
+                           context=256, repeats=1)
+
+
+def test_ideal_cost_replays_provenance():
+    c = components()
+    # prompt 16 tokens; answer of 4 tokens, the LLM wrote tokens 1 and 3
+    r2r = comp.ideal_seconds(["slm", "llm", "slm", "llm"], 16, c, "r2r")
+    assert r2r["slm_s"] == pytest.approx((100 + 3 * 10) / 1000)
+    assert r2r["router_s"] == pytest.approx(4 * 1.0 / 1000)
+    # first catch-up: prompt + token 0 (17 new tokens); second: tokens 1..2 (2 new tokens)
+    assert r2r["llm_s"] == pytest.approx((c.llm_forward.at(17) + c.llm_forward.at(2)) / 1000)
+    assert r2r["total_s"] == pytest.approx(r2r["slm_s"] + r2r["router_s"] + r2r["llm_s"])
+    llm = comp.ideal_seconds(["llm"] * 4, 16, c, "llm")
+    assert llm["llm_s"] == pytest.approx((100 + 3 * 30) / 1000) and llm["slm_s"] == 0
+    slm = comp.ideal_seconds(["slm"] * 4, 16, c, "slm")
+    assert slm["total_s"] == pytest.approx(0.13) and slm["llm_s"] == 0
+
+
+def test_pareto_front_keeps_only_unbeaten_points():
+    pts = [(1.0, 50.0), (2.0, 40.0), (1.5, 30.0), (3.0, 40.0), (0.5, 60.0)]
+    assert report.pareto_front(pts) == [(0.5, 60.0), (1.0, 50.0), (3.0, 40.0)]
+
+
+def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny_pair):
+    out = tmp_path / "results"
+    tiny_dir = Path(tiny_pair["slm"]).parent
+    rc = harness_main(["--tiny", str(tiny_dir), "--limit", "3", "--max-tokens", "12", "--shares", "0.2",
+                       "--speed-problems", "2", "--quality-sessions", "2", "--calibration-prompts", "2",
+                       "--calibration-max-tokens", "8", "--sweep", "1,2", "--sweep-rounds", "1", "--sweep-max-tokens", "6",
+                       "--component-context", "16", "--component-max-tokens", "32", "--component-repeats", "1",
+                       "--skip-assisted", "--grade-workers", "2", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("machine", "date", "model_pair", "runs", "r2r_measured_over_ideal"):
+        assert key in summary
+    names = {r["name"] for r in summary["runs"]}
+    assert {"slm", "llm", "r2r-entropy", "r2r-random"} <= names
+    for r in summary["runs"]:
+        for key, kind in RUN_KEYS.items():
+            assert isinstance(r[key], kind), (r["name"], key)
+        assert r["threshold"] is None or isinstance(r["threshold"], float)
+        assert r["humaneval_pass1"] is None or 0.0 <= r["humaneval_pass1"] <= 1.0
+        assert 0.0 <= r["llm_share"] <= 1.0
+    quality = {r["name"]: r for r in summary["runs"] if not r.get("sweep")}
+    assert quality["slm"]["llm_share"] == 0.0 and quality["llm"]["llm_share"] == 1.0
+    assert all(r["problems"] == 3 for r in quality.values())
+    sweep = sorted(r["sessions"] for r in summary["runs"] if r.get("sweep") and r["name"] == "llm")
+    assert sweep == [1, 2]
+    assert summary["r2r_measured_over_ideal"] > 0
+    assert (out / "summary.md").read_text().startswith("| run |")
+    for png in ("quality_vs_share.png", "quality_vs_speed.png"):
+        assert (out / png).stat().st_size > 5000
