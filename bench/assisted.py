@@ -14,7 +14,9 @@ next to the services' GenerationStats:
 - the clock starts before the chat template is rendered;
 - TTFT is when generate() hands over its first generated token (prefill included; in assisted mode
   also the SLM's first drafts and the LLM's first verification), 0 when nothing was generated;
-- completion tokens exclude the final EOS; tokens_per_s = completion_tokens / total_s.
+- completion tokens exclude the final EOS; tokens_per_s = completion_tokens / total_s;
+- stop strings end the answer like the coordinator's: the token that completes a stop string is the last
+  one counted, and the text ends before the stop string.
 Greedy is plain argmax: each model's generation_config is replaced by one that only names EOS and pad,
 so a hub default like repetition_penalty cannot change the output (the service applies none either).
 """
@@ -26,9 +28,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from r2r_serve.common.tensors import parse_dtype
@@ -72,6 +75,27 @@ class FirstTokenClock(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+class StopStrings(StoppingCriteria):
+    """Stops once the answer's text contains a stop string anywhere in the tokens added since the last
+    call. HF's own `stop_strings` only look at the end of the sequence, and assisted decoding checks
+    criteria once per verified chunk of several tokens, so a stop string inside a chunk would be missed."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.scanned = prompt_len
+        self.prompt_len = prompt_len
+        # Tokens before the new ones to re-read: a stop string of c characters spans at most 4c byte-level tokens.
+        self.overlap = 4 * max((len(s) for s in self.stops), default=0)
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        start = max(self.prompt_len, self.scanned - self.overlap)
+        self.scanned = input_ids.shape[1]
+        hit = bool(self.stops) and _first_stop(_decode(self.tokenizer, input_ids[0, start:].tolist()),
+                                               self.stops) is not None
+        return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -132,24 +156,26 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode) -> Result:
-    """One greedy answer: "assisted" = the LLM with the SLM drafting, "llm"/"slm" = that model alone."""
+def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop: Sequence[str] = ()) -> Result:
+    """One greedy answer: "assisted" = the LLM with the SLM drafting, "llm"/"slm" = that model alone.
+    `stop`: strings that end the answer (as the service's `stop`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    stop = [stop] if isinstance(stop, str) else list(stop)
     started = time.perf_counter()
     ids = torch.tensor([prompt_ids(pair.tokenizer, messages)], device=pair.device)
     model = pair.slm if mode == "slm" else pair.llm
     extra = {"assistant_model": _checked_assistant(pair)} if mode == "assisted" else {}
     clock = FirstTokenClock()
+    stops = StoppingCriteriaList([StopStrings(pair.tokenizer, ids.shape[1], stop)]) if any(stop) else None
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
-                         streamer=clock, **extra)
+                         streamer=clock, stopping_criteria=stops, **extra)
     new = out[0, ids.shape[1]:].tolist()  # .tolist() waits for the device
     total = time.perf_counter() - started
-    completion = _until_eos(new, pair.eos_token_ids)
+    completion, text = _answer(pair.tokenizer, _until_eos(new, pair.eos_token_ids), stop)
     ttft = clock.first_token_at - started if completion and clock.first_token_at else 0.0
-    text = pair.tokenizer.decode(completion, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return Result(text=text, token_ids=completion, completion_tokens=len(completion), ttft_s=ttft, total_s=total,
                   tokens_per_s=len(completion) / total if total > 0 else 0.0)
 
@@ -161,6 +187,33 @@ def _checked_assistant(pair: Pair) -> torch.nn.Module:
         raise ValueError(f"assisted generation needs one vocabulary; the SLM has {sizes[0]} entries, "
                          f"the LLM {sizes[1]}")
     return pair.slm
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _answer(tokenizer, tokens: list[int], stops: Sequence[str]) -> tuple[list[int], str]:
+    """The answer's tokens and text, cut as the coordinator cuts them: tokens up to the one that completes
+    the first stop string (generation may have run past it within a verified chunk), text before it."""
+    text = _decode(tokenizer, tokens)
+    cut = _first_stop(text, stops)
+    if cut is None:
+        return tokens, text
+    lo, hi = 1, len(tokens)  # the shortest prefix whose text holds a stop string (containment only grows)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_stop(_decode(tokenizer, tokens[:mid]), stops) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return tokens[:lo], text[:cut]
 
 
 def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
@@ -181,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm", required=True, help="LLM folder (its tokenizer is used)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--slm-dtype", default="float32")
     p.add_argument("--llm-dtype", default="float32")
@@ -195,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_warmup:  # first-call allocations would otherwise land on whichever mode runs first
         with console.status("warming up ..."):
             for mode in MODES:
-                generate(pair, messages, min(8, args.max_tokens), mode)
-    results = {mode: generate(pair, messages, args.max_tokens, mode) for mode in MODES}
+                generate(pair, messages, min(8, args.max_tokens), mode, args.stop)
+    results = {mode: generate(pair, messages, args.max_tokens, mode, args.stop) for mode in MODES}
 
     llm = results["llm"]
     table = Table(title=f"greedy, max {args.max_tokens} tokens, {args.device}")

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a folder of scripts, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench.assisted import MODES, _until_eos, generate, load_pair, main, prompt_ids  # noqa: E402
+from bench.assisted import (MODES, StopStrings, _until_eos, generate, load_pair, main,  # noqa: E402
+                            prompt_ids)
 from r2r_serve.coordinator.requests import Limits, prompt_ids as coordinator_prompt_ids  # noqa: E402
 from r2r_serve.proto import coordinator_pb2  # noqa: E402
 
@@ -82,6 +83,33 @@ def test_stats_are_consistent(pair):
         assert r.tokens_per_s == pytest.approx(r.completion_tokens / r.total_s)
         assert r.text == pair.tokenizer.decode(r.token_ids, skip_special_tokens=True,
                                                clean_up_tokenization_spaces=False)
+
+
+def test_stop_strings_end_the_answer_like_the_service(pair):
+    decode = lambda ids: pair.tokenizer.decode(ids, skip_special_tokens=True,  # noqa: E731
+                                               clean_up_tokenization_spaces=False)
+    full = generate(pair, chat(PROMPTS[1]), MAX_TOKENS, "llm")
+    stop = full.text[40:43]
+    cut = full.text.find(stop)
+    assert cut > 0 and stop.strip()
+    for mode in ("assisted", "llm"):
+        r = generate(pair, chat(PROMPTS[1]), MAX_TOKENS, mode, stop=[stop, "never-said"])
+        # The service counts the token that completes the stop string and cuts the text before it.
+        assert r.text == full.text[:cut]
+        assert r.token_ids == full.token_ids[:r.completion_tokens]
+        assert stop in decode(r.token_ids) and stop not in decode(r.token_ids[:-1])
+        assert r.tokens_per_s == pytest.approx(r.completion_tokens / r.total_s)
+    assert generate(pair, chat(PROMPTS[1]), MAX_TOKENS, "llm", stop=["never-said"]).token_ids == full.token_ids
+
+
+def test_stop_found_inside_a_verified_chunk(pair):
+    """Assisted decoding adds several tokens per step: a stop string among them, not at the end, counts."""
+    ids = pair.tokenizer("x = 1\nprint(x)\n# done", add_special_tokens=False)["input_ids"]
+    prompt_len = 2
+    criteria = StopStrings(pair.tokenizer, prompt_len, ["print"])
+    assert not bool(criteria(torch.tensor([ids[:prompt_len + 1]]))[0])
+    assert bool(criteria(torch.tensor([ids]))[0])  # "print" is mid-chunk here
+    assert not bool(StopStrings(pair.tokenizer, prompt_len, ["absent"])(torch.tensor([ids]))[0])
 
 
 def test_until_eos_and_errors(pair, tmp_path):
