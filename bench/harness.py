@@ -7,7 +7,7 @@
 
 What one run does, on one machine:
 1. Starts the SLM and LLM workers once, and a router + coordinator per router strategy (the shipped neural
-   router, the entropy baseline, a random router like the R2R reference's current code).
+   router, the entropy baseline, and a seeded random router: the random switching the R2R reference code offers).
 2. Calibrates each strategy's threshold for each target LLM share (--shares) on prompts from our own
    training prompt set (never HumanEval): the score quantile along the SLM's own path.
 3. Quality: every run answers the problems (chat prompt, greedy, up to --max-tokens, stopping at the end
