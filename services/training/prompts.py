@@ -27,6 +27,18 @@ SOURCE_MODULES = (
     "shutil", "smtplib", "statistics", "string", "subprocess", "sysconfig", "tarfile", "tempfile", "textwrap",
     "tokenize", "traceback", "types", "typing", "urllib.parse", "urllib.request", "uuid", "warnings", "wave",
     "xml.sax.saxutils", "zipfile",
+    # more pure-Python stdlib modules (a larger set for GPU labeling runs)
+    "bisect", "cmd", "codecs", "codeop", "collections", "contextlib", "dis", "doctest", "email.header",
+    "email.message", "email.parser", "email.quoprimime", "email.base64mime", "email.charset", "enum", "graphlib",
+    "hashlib", "html.parser", "http.client", "http.server", "importlib.util", "importlib.metadata", "logging",
+    "logging.handlers", "mailbox", "netrc", "numbers", "pdb", "pydoc", "pyclbr", "queue", "runpy", "sched",
+    "selectors", "shelve", "site", "socket", "socketserver", "ssl", "symtable", "tabnanny", "threading", "timeit",
+    "token", "trace", "tracemalloc", "unittest.mock", "unittest.case", "urllib.robotparser", "venv", "weakref",
+    "wsgiref.util", "wsgiref.headers", "xml.dom.minidom", "xml.etree.ElementTree", "zipapp", "zoneinfo",
+    "concurrent.futures", "asyncio.tasks", "asyncio.base_events", "asyncio.streams", "multiprocessing.connection",
+    "bdb", "cProfile", "profile", "pstats", "compileall", "modulefinder", "stringprep", "json.decoder",
+    "json.encoder", "xml.sax.handler", "xmlrpc.client", "encodings.idna", "nturl2path", "importlib.resources",
+    "code", "ctypes.util", "curses.ascii", "dbm",
 )
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
