@@ -90,6 +90,15 @@ def cmd_serve(args) -> int:
     slm, llm = _resolve_pair(args)
     slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else _auto_dtype(args.device)
     llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else _auto_dtype(args.device)
+    if args.slm_quantize != "none" or args.llm_quantize != "none":
+        from r2r_serve.worker.engine import check_quantize
+
+        try:  # refuse before any worker starts (each worker would refuse too, one log file later)
+            check_quantize(args.slm_quantize, args.device, slm_dtype)
+            check_quantize(args.llm_quantize, args.device, llm_dtype)
+        except ValueError as exc:
+            print(f"r2r serve: {exc}", file=sys.stderr)
+            return 2
     token = (load_tokens(args.auth_token) or [None])[0]
     certs = generate_dev_certs(args.tls_dir) if args.tls_dir else None
     cluster = LocalCluster(args.log_dir, tls=certs.client() if certs else None)
@@ -100,7 +109,8 @@ def cmd_serve(args) -> int:
         d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=args.device,
                              threads=args.threads, slm_replicas=args.slm_replicas, llm_replicas=args.llm_replicas,
                              router_strategy=args.router_strategy, router_checkpoint=args.router_checkpoint,
-                             threshold=args.threshold, port=args.port, certs=certs, token=token)
+                             threshold=args.threshold, port=args.port, certs=certs, token=token,
+                             slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
         coord_ep = d.coordinator
         print(f"R2R coordinator listening on {coord_ep}  (slm {d.slm}, llm {d.llm}, router {d.router})", flush=True)
         if args.gateway_port:
@@ -232,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--slm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
     p.add_argument("--llm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--slm-quantize", default="none", choices=["none", "int8"],
+                   help="int8: dynamic int8 linear layers in the SLM worker (CPU, float32 only; outputs drift)")
+    p.add_argument("--llm-quantize", default="none", choices=["none", "int8"],
+                   help="int8: dynamic int8 linear layers in the LLM worker (CPU, float32 only; outputs drift)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
     p.add_argument("--slm-replicas", type=int, default=1, help="SLM worker processes")
     p.add_argument("--llm-replicas", type=int, default=1, help="LLM worker processes")

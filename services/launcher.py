@@ -101,23 +101,26 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
                      device: str = "cpu", threads: int = 0, slm_replicas: int = 1, llm_replicas: int = 1,
                      router_strategy: str = "auto", router_checkpoint: str | None = None,
                      threshold: float | None = None, port: int | None = None, certs=None,
-                     token: str | None = None, say=print) -> Deployment:
+                     token: str | None = None, slm_quantize: str = "none", llm_quantize: str = "none",
+                     say=print) -> Deployment:
     """Start SLM worker(s), LLM worker(s), the router and the coordinator, in dependency order.
 
     With `certs` (security.generate_dev_certs) every internal service requires the CA-signed client
     certificate (mutual TLS) that only the coordinator (and the launcher's health checks) holds; the
     coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
-    never on its command line."""
+    never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none" or "int8")."""
     internal_tls = (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
                      "--tls-client-ca", str(certs.ca)] if certs else [])
     common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls
     endpoints: dict[str, list[str]] = {"slm": [], "llm": []}
-    for role, model, dtype, count in (("slm", slm, slm_dtype, slm_replicas), ("llm", llm, llm_dtype, llm_replicas)):
+    for role, model, dtype, quantize, count in (("slm", slm, slm_dtype, slm_quantize, slm_replicas),
+                                                ("llm", llm, llm_dtype, llm_quantize, llm_replicas)):
+        quant = ["--quantize", quantize] if quantize != "none" else []
         for i in range(count):
             name = role if count == 1 else f"{role}-{i}"
-            say(f"starting {name} worker ({model}, {dtype}) ...", flush=True)
+            say(f"starting {name} worker ({model}, {dtype}{', ' + quantize if quant else ''}) ...", flush=True)
             endpoints[role].append(cluster.start(name, ["worker", "--role", role, "--model", model,
-                                                        "--dtype", dtype, *common]))
+                                                        "--dtype", dtype, *quant, *common]))
     slm_ep, llm_ep = ",".join(endpoints["slm"]), ",".join(endpoints["llm"])
     router_args = ["router", "--strategy", router_strategy, *internal_tls]
     if router_checkpoint:

@@ -11,7 +11,7 @@ from r2r_serve.common.security import ServerTLS, add_server_tls_args, server_tls
 from r2r_serve.common.server import ServiceHandle, serve_until_signal, start_server
 from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.worker.batcher import EngineBatcher
-from r2r_serve.worker.engine import EngineConfig, ModelEngine
+from r2r_serve.worker.engine import QUANTIZE_CHOICES, EngineConfig, ModelEngine
 from r2r_serve.worker.servicer import WorkerServicer
 
 log = get_logger(__name__)
@@ -34,6 +34,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features-dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's)")
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
+                   help="int8: dynamic int8 linear layers (CPU and --dtype float32 only); 2-3x cheaper forwards "
+                        "on CPU but outputs drift from the float model (see bench/forward_costs.py)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     add_server_tls_args(p)
 
@@ -45,7 +48,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
                         max_sessions=args.max_sessions, max_tokens_per_session=args.max_tokens_per_session,
                         max_total_tokens=args.max_total_tokens, max_batch_tokens=args.max_batch_tokens,
                         features_top_k=args.features_top_k, features_dtype=args.features_dtype,
-                        threads=args.threads, attn_implementation=args.attn_implementation)
+                        threads=args.threads, attn_implementation=args.attn_implementation,
+                        quantize=args.quantize)
 
 
 async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
