@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub unless the user asks
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,24 +55,12 @@ def cmd_coordinator(args) -> int:
 
 
 # ---- local serving -----------------------------------------------------------------------------
-def _auto_dtype(device: str) -> str:
-    # GPUs: bf16. This CPU has no bf16 matrix units: multi-token forwards (prompts, LLM catch-up) are
-    # 4-5x slower in bf16 than fp32 (shared/MODELS.md), so fp32 is the safe default there.
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def _resolve_pair(args) -> tuple[str, str]:
-    if args.tiny:
-        from r2r_serve.testing.tiny import build_tiny_pair
-
-        paths = build_tiny_pair(args.tiny)
-        return str(paths["slm"]), str(paths["llm"])
-    if args.slm and args.llm:
-        return args.slm, args.llm
-    from r2r_serve.models.registry import ModelNotPreparedError, default_pair
+def _prepared(name: str) -> str:
+    """resolve_model, preparing the default pair first when one of its models is asked for and missing."""
+    from r2r_serve.models.registry import ModelNotPreparedError, resolve_model
 
     try:
-        slm, llm = default_pair()
+        return resolve_model(name)
     except ModelNotPreparedError:
         print("The default model pair is not prepared yet; preparing it now (one time, several minutes).",
               file=sys.stderr, flush=True)
@@ -79,17 +68,79 @@ def _resolve_pair(args) -> tuple[str, str]:
 
         if prepare_main([]) != 0:
             raise SystemExit("model preparation failed (see above)")
-        slm, llm = default_pair()
-    return args.slm or slm, args.llm or llm
+        return resolve_model(name)
+
+
+@dataclass
+class ServePlan:
+    """What `r2r serve` starts: the models, dtypes, router and chat options, from the pair file and flags."""
+
+    slm: str
+    llm: str
+    slm_dtype: str
+    llm_dtype: str
+    router_strategy: str = "auto"
+    router_checkpoint: str | None = None
+    threshold: float | None = None
+    coordinator_args: list[str] = field(default_factory=list)
+    pair: str = ""
+
+
+def serve_plan(args) -> ServePlan:
+    """Flags win over the pair file. The pair file (`--pair`, else the default pair's when --slm/--llm are not
+    both given) names the models, their dtype per device kind, the router and chat options; its router is
+    used only with its own SLM (a router reads one SLM's features)."""
+    from r2r_serve.models.pair_config import DEFAULT_PAIR_NAME, auto_dtype, load_pair_config
+
+    def dtype(flag: str, from_pair: str) -> str:
+        chosen = flag if flag != "auto" else from_pair
+        return auto_dtype(args.device) if chosen == "auto" else chosen
+
+    if getattr(args, "tiny", None):
+        from r2r_serve.testing.tiny import build_tiny_pair
+
+        paths = build_tiny_pair(args.tiny)
+        return ServePlan(str(paths["slm"]), str(paths["llm"]), dtype(args.slm_dtype, "auto"),
+                         dtype(args.llm_dtype, "auto"), args.router_strategy, args.router_checkpoint,
+                         args.threshold)
+    pair_name = getattr(args, "pair", None)
+    pair = load_pair_config(pair_name or DEFAULT_PAIR_NAME) if (pair_name or not (args.slm and args.llm)) else None
+    if pair is None:
+        return ServePlan(args.slm, args.llm, dtype(args.slm_dtype, "auto"), dtype(args.llm_dtype, "auto"),
+                         args.router_strategy, args.router_checkpoint, args.threshold)
+    plan = ServePlan(slm=args.slm or _prepared(pair.slm.model), llm=args.llm or _prepared(pair.llm.model),
+                     slm_dtype=dtype(args.slm_dtype, pair.slm.dtype_for(args.device)),
+                     llm_dtype=dtype(args.llm_dtype, pair.llm.dtype_for(args.device)),
+                     router_strategy=args.router_strategy, router_checkpoint=args.router_checkpoint,
+                     threshold=args.threshold, pair=pair.name)
+    if args.router_strategy == "auto" and not args.router_checkpoint and not args.slm:
+        plan.router_strategy, plan.router_checkpoint = pair.router_strategy, pair.router_checkpoint
+        if plan.threshold is None:
+            plan.threshold = pair.threshold
+    if pair.system_prompt:
+        plan.coordinator_args += ["--system-prompt", pair.system_prompt]
+    if pair.template_kwargs:
+        plan.coordinator_args += ["--chat-template-kwargs", json.dumps(pair.template_kwargs)]
+    return plan
+
+
+def _resolve_pair(args) -> tuple[str, str]:
+    plan = serve_plan(args)
+    return plan.slm, plan.llm
 
 
 def cmd_serve(args) -> int:
     from r2r_serve.common.security import generate_dev_certs, load_tokens
     from r2r_serve.launcher import LocalCluster, start_deployment
 
-    slm, llm = _resolve_pair(args)
-    slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else _auto_dtype(args.device)
-    llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else _auto_dtype(args.device)
+    from r2r_serve.models.pair_config import PairConfigError
+
+    try:
+        plan = serve_plan(args)
+    except (PairConfigError, FileNotFoundError) as exc:
+        print(f"r2r serve: {exc}", file=sys.stderr)
+        return 2
+    slm, llm, slm_dtype, llm_dtype = plan.slm, plan.llm, plan.slm_dtype, plan.llm_dtype
     if args.slm_quantize != "none" or args.llm_quantize != "none":
         from r2r_serve.worker.engine import check_quantize
 
@@ -108,9 +159,10 @@ def cmd_serve(args) -> int:
     try:
         d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=args.device,
                              threads=args.threads, slm_replicas=args.slm_replicas, llm_replicas=args.llm_replicas,
-                             router_strategy=args.router_strategy, router_checkpoint=args.router_checkpoint,
-                             threshold=args.threshold, port=args.port, certs=certs, token=token,
-                             slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
+                             router_strategy=plan.router_strategy, router_checkpoint=plan.router_checkpoint,
+                             threshold=plan.threshold, port=args.port, certs=certs, token=token,
+                             slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
+                             coordinator_args=plan.coordinator_args)
         coord_ep = d.coordinator
         print(f"R2R coordinator listening on {coord_ep}  (slm {d.slm}, llm {d.llm}, router {d.router})", flush=True)
         if args.gateway_port:
@@ -230,14 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     from r2r_serve.coordinator.app import add_coordinator_args
     from r2r_serve.gateway.app import add_gateway_args
     from r2r_serve.router.app import add_router_args
+    from r2r_serve.router.strategies import STRATEGIES
     from r2r_serve.worker.app import add_worker_args
 
     parser = argparse.ArgumentParser(prog="r2r", description="R2R small/large model token routing over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run SLM worker, LLM worker, router and coordinator locally")
-    p.add_argument("--slm", help="SLM folder or id (default: the prepared default pair)")
-    p.add_argument("--llm", help="LLM folder or id (default: the prepared default pair)")
+    p.add_argument("--pair", help="model pair config: a packaged pair's name (default: qwen2.5-coder when --slm/--llm "
+                                  "are not both given) or a TOML file; flags override it")
+    p.add_argument("--slm", help="SLM folder or id (default: the pair's)")
+    p.add_argument("--llm", help="LLM folder or id (default: the pair's)")
     p.add_argument("--tiny", metavar="DIR", help="build (once) and serve tiny random test models from DIR")
     p.add_argument("--device", default="cpu")
     p.add_argument("--slm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
@@ -249,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
     p.add_argument("--slm-replicas", type=int, default=1, help="SLM worker processes")
     p.add_argument("--llm-replicas", type=int, default=1, help="LLM worker processes")
-    p.add_argument("--router-strategy", default="auto", choices=["auto", "neural", "entropy", "top1"])
+    p.add_argument("--router-strategy", default="auto", choices=list(STRATEGIES),
+                   help="auto = the pair's router (the shipped neural router for the default pair), else "
+                        "neural with --router-checkpoint, else entropy")
     p.add_argument("--router-checkpoint")
     p.add_argument("--port", type=int, default=50051, help="coordinator port")
     p.add_argument("--gateway-port", type=int, default=0, help="also start the OpenAI-compatible gateway (0 = no)")

@@ -102,13 +102,14 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
                      router_strategy: str = "auto", router_checkpoint: str | None = None,
                      threshold: float | None = None, port: int | None = None, certs=None,
                      token: str | None = None, slm_quantize: str = "none", llm_quantize: str = "none",
-                     say=print) -> Deployment:
+                     coordinator_args: list[str] | tuple[str, ...] = (), say=print) -> Deployment:
     """Start SLM worker(s), LLM worker(s), the router and the coordinator, in dependency order.
 
     With `certs` (security.generate_dev_certs) every internal service requires the CA-signed client
     certificate (mutual TLS) that only the coordinator (and the launcher's health checks) holds; the
     coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
-    never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none" or "int8")."""
+    never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none" or "int8");
+    `coordinator_args`: more coordinator flags (a pair's chat options)."""
     internal_tls = (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
                      "--tls-client-ca", str(certs.ca)] if certs else [])
     common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls
@@ -126,7 +127,7 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
     if router_checkpoint:
         router_args += ["--checkpoint", router_checkpoint]
     router_ep = cluster.start("router", router_args)
-    coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep]
+    coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep, *coordinator_args]
     if threshold is not None:
         coord_args += ["--threshold", str(threshold)]
     if certs:

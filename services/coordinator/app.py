@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.metrics import start_metrics_server
@@ -13,6 +14,7 @@ from r2r_serve.common.security import (BearerTokenInterceptor, ClientTLS, Server
 from r2r_serve.common.server import DEFAULT_MAX_MESSAGE_BYTES, ServiceHandle, serve_until_signal, start_server
 from r2r_serve.common.tokenizer import fingerprint, load_tokenizer_from_files
 from r2r_serve.coordinator.pool import RouterClient, WorkerPool
+from r2r_serve.coordinator.requests import ChatOptions
 from r2r_serve.coordinator.servicer import CoordinatorServicer, CoordinatorSettings
 from r2r_serve.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
@@ -43,6 +45,9 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-fallback", choices=["llm", "slm", "fail"], default="llm",
                    help="when the router is unreachable: route to the LLM (keep quality), keep the SLM's "
                         "token (keep speed) or fail the request")
+    p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--dns-refresh-s", type=float, default=10.0, help="re-resolve dns:/// endpoints this often")
     add_server_tls_args(p)
@@ -55,7 +60,18 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                max_new_sessions_per_s=args.max_new_sessions_per_s,
                                max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                                default_max_tokens=args.default_max_tokens, default_threshold=args.threshold,
-                               router_fallback=args.router_fallback)
+                               router_fallback=args.router_fallback,
+                               chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def check_pair(slm: worker_pb2.WorkerInfo, llm: worker_pb2.WorkerInfo, router_info) -> None:

@@ -4,7 +4,7 @@ sentence a person can act on; the servicer maps it to INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from r2r_serve.proto import coordinator_pb2
 from r2r_serve.worker.sampling import Sampling, validate as validate_sampling
@@ -22,7 +22,23 @@ class Limits:
     vocab_size: int
 
 
-def prompt_ids(req: coordinator_pb2.GenerateRequest, tokenizer, limits: Limits) -> list[int]:
+@dataclass(frozen=True)
+class ChatOptions:
+    """How chat requests are rendered: a default system message and extra chat-template arguments
+    (a pair's config file sets them; see models/pair_config.py)."""
+
+    system_prompt: str = ""
+    template_kwargs: dict = field(default_factory=dict)
+
+    def messages(self, msgs) -> list[dict]:
+        out = [{"role": m.role, "content": m.content} for m in msgs]
+        if self.system_prompt and out[0]["role"] != "system":
+            out.insert(0, {"role": "system", "content": self.system_prompt})
+        return out
+
+
+def prompt_ids(req: coordinator_pb2.GenerateRequest, tokenizer, limits: Limits,
+               chat: ChatOptions = ChatOptions()) -> list[int]:
     kind = req.WhichOneof("input")
     if kind is None:
         raise ValueError("the request has no input: set prompt, chat or prompt_token_ids")
@@ -39,8 +55,8 @@ def prompt_ids(req: coordinator_pb2.GenerateRequest, tokenizer, limits: Limits) 
                 raise ValueError(f"chat message {i} has role {m.role!r}; use one of {sorted(CHAT_ROLES)}")
         if not tokenizer.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead")
-        rendered = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
-                                                 add_generation_prompt=True, tokenize=False)
+        rendered = tokenizer.apply_chat_template(chat.messages(msgs), add_generation_prompt=True, tokenize=False,
+                                                 **chat.template_kwargs)
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     else:
         ids = list(req.prompt_token_ids.ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -17,7 +17,7 @@ from r2r_serve.common.logging import get_logger
 from r2r_serve.coordinator.batcher import BatchRejected, PeerUnavailable
 from r2r_serve.coordinator.detokenizer import StreamingDetokenizer
 from r2r_serve.coordinator.pool import ExtendFailed, RouterClient, WorkerPool
-from r2r_serve.coordinator.requests import Limits, check_rest, max_new_tokens, prompt_ids
+from r2r_serve.coordinator.requests import ChatOptions, Limits, check_rest, max_new_tokens, prompt_ids
 from r2r_serve.coordinator.session import Session, r2r_step
 from r2r_serve.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -33,6 +33,7 @@ class CoordinatorSettings:
     default_max_tokens: int = 256
     default_threshold: float | None = None  # None = the router's own default
     router_fallback: str = "llm"            # when the router is unreachable: llm | slm | fail
+    chat: ChatOptions = field(default_factory=ChatOptions)
 
 
 class _Rejected(Exception):
@@ -150,7 +151,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def _generate(self, request_id: str, req, context):
         started = time.perf_counter()
-        ids = prompt_ids(req, self.tokenizer, self.limits)
+        ids = prompt_ids(req, self.tokenizer, self.limits, self.settings.chat)
         budget = max_new_tokens(req, len(ids), self.limits)
         check_rest(req, self.limits)
         threshold = req.threshold if req.HasField("threshold") else self.default_threshold

@@ -28,6 +28,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
                         help="auto = neural when --checkpoint is given, else entropy")
     parser.add_argument("--checkpoint", default=None, help="router checkpoint (.safetensors or its directory)")
+    parser.add_argument("--pair", default=None,
+                        help="use this model pair's router (a packaged pair's name such as qwen2.5-coder, or its "
+                             "TOML file) when --strategy is auto and no --checkpoint is given")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 = any free port")
     parser.add_argument("--device", default="cpu", help="torch device for the neural router")
@@ -72,9 +75,20 @@ async def start_router(strategy_name: str = "auto", checkpoint: str | None = Non
     return handle
 
 
+def strategy_from_args(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(strategy, checkpoint): the flags, or with `--pair` and nothing explicit, that pair's router."""
+    if args.pair and args.strategy == "auto" and not args.checkpoint:
+        from r2r_serve.models.pair_config import load_pair_config
+
+        pair = load_pair_config(args.pair)
+        return pair.router_strategy, pair.router_checkpoint
+    return args.strategy, args.checkpoint
+
+
 async def run_router(args: argparse.Namespace) -> None:
     start_metrics_server(args.metrics_port)
-    handle = await start_router(args.strategy, args.checkpoint, host=args.host, port=args.port, device=args.device,
+    strategy, checkpoint = strategy_from_args(args)
+    handle = await start_router(strategy, checkpoint, host=args.host, port=args.port, device=args.device,
                                 tls=server_tls_from_args(args), seed=args.seed)
     log.info("listening", host=args.host, port=handle.port)
     await serve_until_signal(handle)
