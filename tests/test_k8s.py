@@ -350,7 +350,8 @@ def test_worker_roles_and_model_settings_come_from_the_configmap(rendered):
         assert flag(args, "--model"), component
     router = deployment_of_component(docs, "router")
     args = expanded_args(docs, router, main_container(router))
-    assert flag(args, "--strategy") in {"auto", "entropy", "top1", "neural"}
+    assert flag(args, "--strategy") in {"auto", "entropy", "top1", "neural", "random"}
+    assert flag(args, "--pair") == "qwen2.5-coder"  # the default pair's trained router, shipped in the image
     coordinator = deployment_of_component(docs, "coordinator")
     float(flag(expanded_args(docs, coordinator, main_container(coordinator)), "--threshold"))
 
