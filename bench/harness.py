@@ -8,8 +8,10 @@
 What one run does, on one machine:
 1. Starts the SLM and LLM workers once, and a router + coordinator per router strategy (the shipped neural
    router, the entropy baseline, and a seeded random router: the random switching the R2R reference code offers).
-2. Calibrates each strategy's threshold for each target LLM share (--shares) on prompts from our own
-   training prompt set (never HumanEval): the score quantile along the SLM's own path.
+2. Calibrates each strategy's threshold for each target LLM share (--shares): the score quantile along the
+   SLM's own answers to the first --calibration-prompts problems (no correctness information is used; the
+   scores of a threshold-1.0 pass, which scores every token and routes none). So every router is compared at
+   the same share of this workload. `--calibration-set train` uses our training prompt set instead.
 3. Quality: every run answers the problems (chat prompt, greedy, up to --max-tokens, stopping at the end
    of the code block) and the answers are checked by the official HumanEval tests in a sandboxed subprocess.
    Runs: SLM alone, LLM alone, R2R with each router at each share, HF assisted generation (in-process).
@@ -87,8 +89,12 @@ def new_progress() -> Progress:
                     console=console)
 
 
-def calibration_requests(n: int) -> list[runner.Request]:
-    """The end of our training prompt set: programming tasks from the stdlib, not an evaluation set."""
+def calibration_requests(n: int, workload: list[runner.Request], which: str) -> list[runner.Request]:
+    """`workload`: the first n requests of the run itself. `train`: the end of our training prompt set
+    (programming tasks from the stdlib). Score distributions differ between the two (HumanEval answers
+    are more confident code), so only the first gives the shares the runs are meant to have."""
+    if which == "workload":
+        return workload[:n]
     from r2r_serve.training.prompts import build_prompts
 
     prompts = build_prompts()[-n:]
@@ -116,11 +122,12 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
         with new_progress() as progress:
             for name, target in services.coordinators.items():
                 runner.warm_up(target, [2.0, 0.0, 0.5])
-            cal = calibration_requests(args.calibration_prompts)
+            cal = calibration_requests(args.calibration_prompts, requests, args.calibration_set)
             thresholds = {}
             for name, target in services.coordinators.items():
-                c = runner.calibrate_thresholds(target, cal, args.shares, max_tokens=args.calibration_max_tokens,
-                                                sessions=args.quality_sessions, progress=progress,
+                c = runner.calibrate_thresholds(target, cal, args.shares,
+                                                max_tokens=args.calibration_max_tokens or args.max_tokens,
+                                                sessions=max(args.quality_sessions, 8), progress=progress,
                                                 label=f"calibrate {name}")
                 thresholds[name] = c["thresholds"]
                 out["calibration"][name] = {f"{s:g}": t for s, t in c["thresholds"].items()} | {"positions": c["positions"]}
@@ -283,8 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quality-sessions", type=int, default=1,
                    help="concurrent sessions for the quality pass (>1: faster, and speed is measured separately)")
     p.add_argument("--speed-problems", type=int, default=8, help="answers timed at 1 session (and by assisted)")
-    p.add_argument("--calibration-prompts", type=int, default=8)
-    p.add_argument("--calibration-max-tokens", type=int, default=128)
+    p.add_argument("--calibration-prompts", type=int, default=16)
+    p.add_argument("--calibration-max-tokens", type=int, default=0, help="0 = --max-tokens")
+    p.add_argument("--calibration-set", choices=["workload", "train"], default="workload")
     p.add_argument("--sweep", type=_ints, default=[1, 2, 4, 8], help="concurrency levels")
     p.add_argument("--sweep-runs", default="r2r,llm,slm", help="which runs the sweep covers")
     p.add_argument("--sweep-rounds", type=int, default=2, help="requests per session in the sweep")
