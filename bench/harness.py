@@ -305,9 +305,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-dir")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else ("bfloat16" if cuda else "float32")
-    args.llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    from r2r_serve.models.pair_config import auto_dtype  # as r2r serve: bf16 on GPUs and on CPUs with bf16 units
+
+    args.slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else auto_dtype(args.device)
+    args.llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else auto_dtype(args.device)
     args.baselines = [b for b in args.baselines.split(",") if b]
     args.sweep_runs = [r for r in args.sweep_runs.split(",") if r]
     args.router_checkpoint = args.router_checkpoint or None
