@@ -77,7 +77,7 @@ def _quality_runs(summary: dict) -> list[dict]:
 
 
 def _subtitle(summary: dict) -> str:
-    return f"{summary['model_pair']}, {summary.get('device', '')} — {summary['machine'][:70]}"
+    return f"{summary['model_pair']}\n{summary.get('device', '')}: {summary['machine'][:80]}, {summary['date'][:10]}"
 
 
 def plot_quality_vs_share(summary: dict, path: Path) -> None:
@@ -87,7 +87,7 @@ def plot_quality_vs_share(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = _quality_runs(summary)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for family in ("r2r", "r2r-entropy", "r2r-random"):
         pts = sorted((r["llm_share"], r["humaneval_pass1"]) for r in runs if r["name"] == family)
         if pts:
@@ -97,12 +97,12 @@ def plot_quality_vs_share(summary: dict, path: Path) -> None:
     for name, label in (("slm", "SLM alone"), ("llm", "LLM alone"), ("assisted", "assisted generation")):
         for r in runs:
             if r["name"] == name:
-                ax.scatter([100 * r["llm_share"]], [100 * r["humaneval_pass1"]], s=60, marker="s",
-                           color=COLORS[name], label=f"{label} ({r['problems']} problems)" if name == "assisted" else label,
-                           zorder=3)
+                ax.scatter([100 * r["llm_share"]], [100 * r["humaneval_pass1"]], s=40 if name == "assisted" else 90,
+                           marker="D" if name == "assisted" else "s", color=COLORS[name], zorder=4 if name == "assisted" else 3,
+                           label=f"{label} ({r['problems']} problems)" if name == "assisted" else label)
     ax.set_xlabel("LLM token share (%)")
     ax.set_ylabel("HumanEval pass@1 (%)")
-    ax.set_title("Quality vs LLM share\n" + _subtitle(summary), fontsize=9)
+    ax.set_title("Quality vs LLM share\n" + _subtitle(summary), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -127,7 +127,7 @@ def plot_pareto(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in _quality_runs(summary) if r["tokens_per_s"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     seen = set()
     for r in runs:
         fam = _family(r["name"])
@@ -142,7 +142,7 @@ def plot_pareto(summary: dict, path: Path) -> None:
         ax.plot(*zip(*front), "--", color="black", alpha=0.5, label="Pareto front")
     ax.set_xlabel("tokens/s per request (median, 1 session)")
     ax.set_ylabel("HumanEval pass@1 (%)")
-    ax.set_title("Quality vs speed (R2R points labelled with their LLM share)\n" + _subtitle(summary), fontsize=9)
+    ax.set_title("Quality vs speed (R2R points labelled with their LLM share)\n" + _subtitle(summary), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
