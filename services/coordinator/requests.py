@@ -94,6 +94,8 @@ def check_rest(req: coordinator_pb2.GenerateRequest, limits: Limits) -> None:
         raise ValueError(problem)
     if req.HasField("threshold") and (math.isnan(req.threshold) or req.threshold < 0):
         raise ValueError(f"threshold must be >= 0 (0 = always the LLM, > 1 = never), got {req.threshold}")
+    if req.HasField("threshold") and req.HasField("llm_share"):
+        raise ValueError("set either threshold or llm_share, not both")
     if len(req.stop) > MAX_STOPS:
         raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(req.stop)}")
     if any(not s for s in req.stop):

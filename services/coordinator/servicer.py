@@ -19,6 +19,7 @@ from r2r_serve.coordinator.detokenizer import StreamingDetokenizer
 from r2r_serve.coordinator.pool import ExtendFailed, RouterClient, WorkerPool
 from r2r_serve.coordinator.requests import ChatOptions, Limits, check_rest, max_new_tokens, prompt_ids
 from r2r_serve.coordinator.session import Session, r2r_step
+from r2r_serve.coordinator.shares import threshold_for_share
 from r2r_serve.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = get_logger(__name__)
@@ -154,7 +155,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         ids = prompt_ids(req, self.tokenizer, self.limits, self.settings.chat)
         budget = max_new_tokens(req, len(ids), self.limits)
         check_rest(req, self.limits)
-        threshold = req.threshold if req.HasField("threshold") else self.default_threshold
+        if req.HasField("llm_share"):
+            threshold = threshold_for_share(self.router.info.threshold_curve, req.llm_share, self.router.info.strategy)
+        else:
+            threshold = req.threshold if req.HasField("threshold") else self.default_threshold
         session = Session(session_id=f"{request_id}-{uuid.uuid4().hex[:8]}", history=list(ids), prompt_len=len(ids),
                           sampling=req.sampling, threshold=threshold)
         structlog.contextvars.bind_contextvars(session_id=session.session_id)

@@ -42,7 +42,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "chat", "prompt_token_ids", "max_tokens", "sampling", "stop", "stop_token_ids", "threshold", "logprobs", "timeout_ms", "ignore_eos")
+    __slots__ = ("request_id", "prompt", "chat", "prompt_token_ids", "max_tokens", "sampling", "stop", "stop_token_ids", "threshold", "logprobs", "timeout_ms", "ignore_eos", "llm_share")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    LLM_SHARE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     chat: ChatInput
@@ -67,7 +68,8 @@ class GenerateRequest(_message.Message):
     logprobs: bool
     timeout_ms: int
     ignore_eos: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., logprobs: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    llm_share: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., logprobs: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., llm_share: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("index", "token_id", "text", "provenance", "logprob", "router_probability")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from r2r_serve.proto import common_pb2 as r2r_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13r2r/v1/router.proto\x12\x06r2r.v1\x1a\x13r2r/v1/common.proto\"J\n\x0cScoreRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12(\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x16.r2r.v1.RouterFeatures\"Y\n\rScoreResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x10\n\x08score_ms\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x16\n\x14GetRouterInfoRequest\"\xb8\x01\n\nRouterInfo\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x10\n\x08slm_name\x18\x02 \x01(\t\x12\x10\n\x08llm_name\x18\x03 \x01(\t\x12!\n\x19slm_tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x07 \x01(\x02\x12\x12\n\ncheckpoint\x18\x08 \x01(\t2\xbb\x01\n\x06Router\x12>\n\x0bScoreStream\x12\x14.r2r.v1.ScoreRequest\x1a\x15.r2r.v1.ScoreResponse(\x01\x30\x01\x12\x34\n\x05Score\x12\x14.r2r.v1.ScoreRequest\x1a\x15.r2r.v1.ScoreResponse\x12;\n\x07GetInfo\x12\x1c.r2r.v1.GetRouterInfoRequest\x1a\x12.r2r.v1.RouterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13r2r/v1/router.proto\x12\x06r2r.v1\x1a\x13r2r/v1/common.proto\"J\n\x0cScoreRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12(\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x16.r2r.v1.RouterFeatures\"Y\n\rScoreResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x10\n\x08score_ms\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x16\n\x14GetRouterInfoRequest\"F\n\x0eThresholdPoint\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\x0e\n\x06recall\x18\x02 \x01(\x02\x12\x11\n\tllm_share\x18\x03 \x01(\x02\"\xe9\x01\n\nRouterInfo\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x10\n\x08slm_name\x18\x02 \x01(\t\x12\x10\n\x08llm_name\x18\x03 \x01(\t\x12!\n\x19slm_tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x07 \x01(\x02\x12\x12\n\ncheckpoint\x18\x08 \x01(\t\x12/\n\x0fthreshold_curve\x18\t \x03(\x0b\x32\x16.r2r.v1.ThresholdPoint2\xbb\x01\n\x06Router\x12>\n\x0bScoreStream\x12\x14.r2r.v1.ScoreRequest\x1a\x15.r2r.v1.ScoreResponse(\x01\x30\x01\x12\x34\n\x05Score\x12\x14.r2r.v1.ScoreRequest\x1a\x15.r2r.v1.ScoreResponse\x12;\n\x07GetInfo\x12\x1c.r2r.v1.GetRouterInfoRequest\x1a\x12.r2r.v1.RouterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_end=217
   _globals['_GETROUTERINFOREQUEST']._serialized_start=219
   _globals['_GETROUTERINFOREQUEST']._serialized_end=241
-  _globals['_ROUTERINFO']._serialized_start=244
-  _globals['_ROUTERINFO']._serialized_end=428
-  _globals['_ROUTER']._serialized_start=431
-  _globals['_ROUTER']._serialized_end=618
+  _globals['_THRESHOLDPOINT']._serialized_start=243
+  _globals['_THRESHOLDPOINT']._serialized_end=313
+  _globals['_ROUTERINFO']._serialized_start=316
+  _globals['_ROUTERINFO']._serialized_end=549
+  _globals['_ROUTER']._serialized_start=552
+  _globals['_ROUTER']._serialized_end=739
 # @@protoc_insertion_point(module_scope)

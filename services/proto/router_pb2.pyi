@@ -31,8 +31,18 @@ class GetRouterInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ThresholdPoint(_message.Message):
+    __slots__ = ("threshold", "recall", "llm_share")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    LLM_SHARE_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    recall: float
+    llm_share: float
+    def __init__(self, threshold: _Optional[float] = ..., recall: _Optional[float] = ..., llm_share: _Optional[float] = ...) -> None: ...
+
 class RouterInfo(_message.Message):
-    __slots__ = ("strategy", "slm_name", "llm_name", "slm_tokenizer_fingerprint", "hidden_size", "top_k", "default_threshold", "checkpoint")
+    __slots__ = ("strategy", "slm_name", "llm_name", "slm_tokenizer_fingerprint", "hidden_size", "top_k", "default_threshold", "checkpoint", "threshold_curve")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SLM_NAME_FIELD_NUMBER: _ClassVar[int]
     LLM_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +51,7 @@ class RouterInfo(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_CURVE_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     slm_name: str
     llm_name: str
@@ -49,4 +60,5 @@ class RouterInfo(_message.Message):
     top_k: int
     default_threshold: float
     checkpoint: str
-    def __init__(self, strategy: _Optional[str] = ..., slm_name: _Optional[str] = ..., llm_name: _Optional[str] = ..., slm_tokenizer_fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., default_threshold: _Optional[float] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    threshold_curve: _containers.RepeatedCompositeFieldContainer[ThresholdPoint]
+    def __init__(self, strategy: _Optional[str] = ..., slm_name: _Optional[str] = ..., llm_name: _Optional[str] = ..., slm_tokenizer_fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., default_threshold: _Optional[float] = ..., checkpoint: _Optional[str] = ..., threshold_curve: _Optional[_Iterable[_Union[ThresholdPoint, _Mapping]]] = ...) -> None: ...

@@ -66,4 +66,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return router_pb2.RouterInfo(strategy=s.name, slm_name=s.slm_name, llm_name=s.llm_name,
                                      slm_tokenizer_fingerprint=s.slm_tokenizer_fingerprint,
                                      hidden_size=s.hidden_size, top_k=s.top_k,
-                                     default_threshold=s.default_threshold, checkpoint=s.checkpoint)
+                                     default_threshold=s.default_threshold, checkpoint=s.checkpoint,
+                                     threshold_curve=[router_pb2.ThresholdPoint(threshold=t, recall=r, llm_share=share)
+                                                      for t, r, share in s.threshold_curve()])

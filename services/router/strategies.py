@@ -53,6 +53,10 @@ class RouterStrategy(ABC):
     def score(self, batch: FeatureBatch) -> torch.Tensor:
         """P(divergent) [B], float64 in [0, 1], on CPU."""
 
+    def threshold_curve(self) -> list[tuple[float, float, float]]:
+        """(threshold, recall, LLM share) calibration points; empty when not calibrated."""
+        return []
+
 
 class EntropyStrategy(RouterStrategy):
     """P = entropy / ln(vocab_size): 0 for a certain SLM, 1 for a uniform distribution."""
@@ -110,6 +114,11 @@ class RandomStrategy(RouterStrategy):
         draws = [self._draw(token, key) for token, key in zip(tokens, rounded)]
         return torch.tensor(draws, dtype=torch.float64)
 
+    def threshold_curve(self) -> list[tuple[float, float, float]]:
+        """Exact by construction: threshold t routes a share 1 - t (and catches that share of divergent
+        tokens, since the draw ignores them)."""
+        return [(t / 20, 1 - t / 20, 1 - t / 20) for t in range(21)]
+
     def _draw(self, token: int, logits: list[int]) -> float:
         packed = struct.pack(f"<qq{len(logits)}q", self.seed, token, *logits)
         digest = hashlib.blake2b(packed, digest_size=8).digest()
@@ -149,6 +158,9 @@ class NeuralStrategy(RouterStrategy):
         if len(batch) == 0:
             return torch.zeros(0, dtype=torch.float64)
         return self.model.predict_proba(batch.to(self.device)).double().cpu()
+
+    def threshold_curve(self) -> list[tuple[float, float, float]]:
+        return [(p.threshold, p.recall, p.llm_share) for p in self.meta.threshold_curve]
 
 
 def load_strategy(strategy: str = "auto", checkpoint: str | None = None,

@@ -58,7 +58,8 @@ class Result:
 def build_request(prompt: Prompt, *, max_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0,
                   top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
                   stop_token_ids: Sequence[int] = (), threshold: float | None = None, logprobs: bool = False,
-                  ignore_eos: bool = False, request_id: str = "", timeout_ms: int = 0) -> coordinator_pb2.GenerateRequest:
+                  ignore_eos: bool = False, request_id: str = "", timeout_ms: int = 0,
+                  llm_share: float | None = None) -> coordinator_pb2.GenerateRequest:
     req = coordinator_pb2.GenerateRequest(request_id=request_id, max_tokens=max_tokens, stop=list(stop),
                                           stop_token_ids=list(stop_token_ids), logprobs=logprobs,
                                           ignore_eos=ignore_eos, timeout_ms=timeout_ms)
@@ -67,6 +68,8 @@ def build_request(prompt: Prompt, *, max_tokens: int = 0, temperature: float = 0
         req.sampling.seed = seed
     if threshold is not None:
         req.threshold = threshold
+    if llm_share is not None:  # a share of tokens for the LLM instead of a threshold (trained routers)
+        req.llm_share = llm_share
     if isinstance(prompt, str):
         req.prompt = prompt
     elif prompt and isinstance(prompt[0], dict):
