@@ -5,6 +5,12 @@ whole batch and returns each session's next token. Ragged batches are laid out l
 generation: past KV left-padded to the longest past, new tokens right-padded to the longest chunk, a 2D
 attention mask marking real entries and explicit position ids per row, so every row computes exactly
 what it would alone.
+
+Decode-only batches (one new token per session, the SLM's steady state) take a faster road to the same
+numbers (EngineConfig.fast_paths): the batch's KV stays laid out that way between steps in a DecodeGroup
+(kv_store.py), preallocated and batch-major, so while the same sessions keep stepping together nothing is
+re-padded or split back, and a changed batch is rebuilt with one copy. Tokens, logprobs and router features
+are computed for the whole batch in batched ops and read back to the host once.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import torch
 
 from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
-from r2r_serve.common.tensors import parse_dtype
+from r2r_serve.common.tensors import parse_dtype, to_proto
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
+from r2r_serve.proto import common_pb2
 from r2r_serve.worker.features import router_features
-from r2r_serve.worker.kv_store import CapacityError, KVStore, SessionKV
+from r2r_serve.worker.kv_store import CapacityError, DecodeGroup, KVStore, SessionKV
 from r2r_serve.worker.sampling import Sampling, choose_tokens, validate
 
 log = get_logger(__name__)
@@ -64,6 +71,10 @@ class EngineConfig:
     threads: int = 0                      # torch intra-op threads; 0 = torch's default
     attn_implementation: str | None = None
     quantize: str = "none"                # "int8": dynamic int8 nn.Linear layers (CPU, float32 only)
+    # True: decode-only batches run on persistent per-batch KV (DecodeGroup) and tokens/features are computed
+    # batched with one host copy. False: the reference paths (re-padded KV every forward, per-row features),
+    # kept for tests and bench/engine_step.py; the outputs are the same.
+    fast_paths: bool = True
 
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -106,6 +117,11 @@ class ModelEngine:
         self.kv: KVStore | None = None
         self.batches = 0
         self.last_forward_ms = 0.0
+        # Set to a dict to accumulate seconds per phase of each forward (bench/engine_step.py); None = off.
+        # On CUDA every mark synchronizes the device, so only benchmarks should turn it on.
+        self.phase_times: dict[str, float] | None = None
+        self._mark_at = 0.0
+        self._groups: list[DecodeGroup] = []  # decode batches whose KV lives batch-major (fast_paths)
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -180,10 +196,22 @@ class ModelEngine:
 
     def release(self, session_ids) -> int:
         released = self.kv.release(session_ids)
+        self._prune_groups()
         self._metrics.update_kv(self.kv)
         return released
 
     # ---- the hot path --------------------------------------------------------------------------
+    def _mark(self, phase: str | None) -> None:
+        """Charge the time since the previous mark to `phase` (None: just restart the clock)."""
+        if self.phase_times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if phase is not None:
+            self.phase_times[phase] = self.phase_times.get(phase, 0.0) + now - self._mark_at
+        self._mark_at = now
+
     @torch.inference_mode()
     def extend(self, works: list[ExtendWork]) -> list[ExtendOutcome]:
         outcomes: dict[int, ExtendOutcome] = {}
@@ -274,27 +302,89 @@ class ModelEngine:
     def _run_chunk(self, works, chunk, outcomes) -> None:
         sessions = [self.kv.touch(works[i].session_id) for i in chunk]
         started = time.perf_counter()
+        self._mark(None)
         hidden = self._forward(sessions, [works[i].tokens for i in chunk])
         logits = self.lm_head(hidden)
         params = [works[i].sampling for i in chunk]
         positions = [s.length for s in sessions]  # position of the token being chosen
-        tokens, logprobs = choose_tokens(logits, params, positions)
         # Router features are the SLM's to give: an LLM worker ignores the flag (and saves the work).
         want = [works[i].want_features and self.config.role == "slm" for i in chunk]
-        feats = [None] * len(chunk)
+        if self.config.fast_paths:
+            tokens, logprobs, feats = self._choose_with_features(logits, hidden, params, positions, want)
+        else:
+            tokens, logprobs, feats = self._choose_with_features_per_row(logits, hidden, params, positions, want)
+        self.batches += 1
+        elapsed = time.perf_counter() - started
+        self.last_forward_ms = elapsed * 1000
+        self._metrics.forward(len(chunk), sum(len(works[i].tokens) for i in chunk), elapsed)
+        for j, i in enumerate(chunk):
+            outcomes[i] = ExtendOutcome(works[i].session_id, OK, sessions[j].length, token=tokens[j],
+                                        logprob=logprobs[j], features=feats[j])
+        self._mark("outcomes")
+
+    def _choose_with_features_per_row(self, logits, hidden, params, positions, want):
+        """The reference path (fast_paths=False): features.router_features, values read back row by row."""
+        tokens, logprobs = choose_tokens(logits, params, positions)
+        self._mark("head")
+        feats = [None] * len(params)
         if any(want):
             rows = [j for j, w in enumerate(want) if w]
             computed = router_features(logits[rows], hidden[rows], tokens[rows], self.embedding,
                                        self.config.features_top_k, self.features_dtype)
             for j, f in zip(rows, computed):
                 feats[j] = f
-        self.batches += 1
-        elapsed = time.perf_counter() - started
-        self.last_forward_ms = elapsed * 1000
-        self._metrics.forward(len(chunk), sum(len(works[i].tokens) for i in chunk), elapsed)
-        for j, i in enumerate(chunk):
-            outcomes[i] = ExtendOutcome(works[i].session_id, OK, sessions[j].length, token=int(tokens[j]),
-                                        logprob=float(logprobs[j]), features=feats[j])
+            self._mark("features")
+        return ([int(tokens[j]) for j in range(len(params))], [float(logprobs[j]) for j in range(len(params))],
+                feats)
+
+    def _choose_with_features(self, logits, hidden, params, positions, want):
+        """Tokens, logprobs and router features for the whole batch in batched ops, read back to the host in
+        two copies (scalars, then the feature vectors) instead of several per row. Values are those of
+        choose_tokens + features.router_features: the same ops on the same inputs (float64 stays float64,
+        anything else works in float32), one log_softmax shared by the logprobs and the entropy."""
+        B, V = logits.shape
+        work = logits.double() if logits.dtype == torch.float64 else logits.float()  # = both references' input
+        rows = [j for j, w in enumerate(want) if w]
+        logp = None
+        if all(p.greedy for p in params):
+            logp = torch.log_softmax(work, dim=-1)
+            tokens = torch.argmax(work, dim=-1)
+            logprobs = logp.gather(-1, tokens[:, None])[:, 0]
+        else:
+            tokens, logprobs = choose_tokens(logits, params, positions)
+        self._mark("head")
+        feats = [None] * B
+        if not rows:
+            host = torch.cat([tokens.double(), logprobs.double()]).cpu().tolist()
+            return [int(t) for t in host[:B]], host[B:], feats
+        sel = None if len(rows) == B else torch.tensor(rows, device=logits.device)
+        pick = (lambda t: t) if sel is None else (lambda t: t.index_select(0, sel))
+        if logp is None:
+            logp = torch.log_softmax(work, dim=-1)
+        lp = pick(logp)
+        probs = lp.exp()
+        entropy = -(probs * lp).nan_to_num().sum(-1)  # 0 * -inf -> 0
+        top1 = probs.max(-1).values
+        topk = torch.topk(pick(work), min(self.config.features_top_k, V), dim=-1).values
+        chosen = pick(tokens)
+        emb = self.embedding(chosen.to(self.embedding.weight.device)).to(logits.device)
+        fd = self.features_dtype
+        h = pick(hidden)
+        widths = (h.shape[1], topk.shape[1], emb.shape[1])
+        host = torch.cat([tokens.double(), logprobs.double(), entropy.double(), top1.double()]).cpu().tolist()
+        dense = torch.cat([h.to(fd), topk.to(fd), emb.to(fd)], dim=1).cpu()
+        R = len(rows)
+        entropies, top1s = host[2 * B: 2 * B + R], host[2 * B + R:]
+        a, b = widths[0], widths[0] + widths[1]
+        for n, j in enumerate(rows):
+            f = common_pb2.RouterFeatures(token_id=int(host[j]), entropy=entropies[n], top1_prob=top1s[n],
+                                          vocab_size=V)
+            to_proto(dense[n, :a], f.hidden_state)
+            to_proto(dense[n, a:b], f.topk_logits)
+            to_proto(dense[n, b:], f.token_embedding)
+            feats[j] = f
+        self._mark("features")
+        return [int(t) for t in host[:B]], host[B: 2 * B], feats
 
     def _forward(self, sessions: list[SessionKV], chunks: list[list[int]]) -> torch.Tensor:
         """Run the decoder over each session's new tokens; update its KV; return the final-norm hidden
@@ -302,11 +392,18 @@ class ModelEngine:
         from transformers import DynamicCache
 
         dev = self.device
+        if self.config.fast_paths:
+            if all(len(c) == 1 for c in chunks) and any(s.length for s in sessions):
+                return self._forward_decode(sessions, chunks)
+            for s in sessions:  # the paths below read (and replace) each session's own KV
+                s.own()
         if len(sessions) == 1:  # no padding needed
             s, toks = sessions[0], chunks[0]
             cache = DynamicCache(ddp_cache_data=s.layers) if s.layers else DynamicCache()
             ids = torch.tensor([toks], dtype=torch.long, device=dev)
+            self._mark("kv")
             out = self.base(input_ids=ids, cache=cache, use_cache=True)
+            self._mark("forward")
             s.layers = [(layer.keys, layer.values) for layer in cache.layers]
             s.length += len(toks)
             return out.last_hidden_state[:, -1]
@@ -334,7 +431,9 @@ class ModelEngine:
                         v[b, :, P - s.length:] = s.layers[li][1][0]
                 layers.append((k, v))
             cache = DynamicCache(ddp_cache_data=layers)
+        self._mark("kv")
         out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        self._mark("forward")
         for b, s in enumerate(sessions):
             lo, hi = P - past[b], P + new[b]
             # clone: a view would keep the whole padded batch tensor alive
@@ -342,7 +441,142 @@ class ModelEngine:
                         for layer in cache.layers]
             s.length += new[b]
         last = torch.tensor([n - 1 for n in new], device=dev)
-        return out.last_hidden_state[torch.arange(B, device=dev), last]
+        hidden = out.last_hidden_state[torch.arange(B, device=dev), last]
+        self._mark("kv")
+        return hidden
+
+
+    # ---- decode batches on persistent KV ----------------------------------------------------------
+    def _forward_decode(self, sessions: list[SessionKV], chunks: list[list[int]]) -> torch.Tensor:
+        """One new token per session, on a DecodeGroup: reused as is when these sessions are exactly the
+        group of the previous step (no KV copied), else built once from where each session's KV lives.
+        Same padding, mask and positions as the ragged path would use for this batch."""
+        g = sessions[0].group
+        if g is None or not g.serves(sessions):
+            g = self._regroup(sessions)
+        g.reserve(1, self._headroom(g.width))
+        B = len(sessions)
+        rows = [s.row for s in sessions]
+        ordered = list(range(B)) == rows
+        ids = [0] * B
+        for s, c in zip(sessions, chunks):
+            ids[s.row] = c[0]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
+        positions = (g.width - g.pad)[:, None]
+        mask = g.mask[:, : g.width + 1] if B > 1 else None  # one row never has padding
+        cache = _group_cache(g)
+        self._mark("kv")
+        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True)
+        self._mark("forward")
+        g.width += 1
+        for s in sessions:
+            s.length += 1
+        hidden = out.last_hidden_state[:, -1]
+        if not ordered:
+            hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+        return hidden
+
+    @staticmethod
+    def _headroom(width: int) -> int:
+        return 32 + width // 4
+
+    def _regroup(self, sessions: list[SessionKV]) -> DecodeGroup:
+        """A new DecodeGroup holding `sessions`: rows that sit together in an old group are copied with
+        one slice per layer, others from their own KV. Old groups lose those rows; an emptied group is
+        dropped, a mostly-dead one dissolved (its remaining sessions take their own copies)."""
+        by_group: dict[int, tuple[DecodeGroup, list[SessionKV]]] = {}
+        owned = []
+        for s in sessions:
+            if s.group is not None:
+                by_group.setdefault(id(s.group), (s.group, []))[1].append(s)
+            else:
+                owned.append(s)
+        order = [s for _, members in by_group.values() for s in members] + owned
+        ref = next(iter(by_group.values()))[0].keys[0] if by_group else next(s.layers[0][0] for s in owned if s.layers)
+        n_layers = len(next(iter(by_group.values()))[0].keys) if by_group else len(next(s.layers for s in owned if s.layers))
+        B, W = len(order), max(s.length for s in order)
+        shape = (B, ref.shape[1], W + 1 + self._headroom(W), ref.shape[3])
+        keys = [ref.new_zeros(shape) for _ in range(n_layers)]
+        values = [ref.new_zeros(shape) for _ in range(n_layers)]
+        start = 0
+        for old, members in by_group.values():
+            m, gw = max(s.length for s in members), old.width
+            src = [s.row for s in members]
+            if src == list(range(src[0], src[0] + len(src))):
+                take = slice(src[0], src[0] + len(src))
+            else:
+                take = torch.tensor(src, device=ref.device)
+            end = start + len(members)
+            if m:
+                for dst, srcs in ((keys, old.keys), (values, old.values)):
+                    for li in range(n_layers):
+                        dst[li][start:end, :, W - m: W] = srcs[li][take, :, gw - m: gw]
+            for s in members:
+                old.drop(s)
+            start = end
+        for r, s in enumerate(owned, start):
+            for li, (k, v) in enumerate(s.layers or []):
+                keys[li][r, :, W - s.length: W] = k[0]
+                values[li][r, :, W - s.length: W] = v[0]
+        group = DecodeGroup(keys, values, order, W)
+        self._groups = [group] + [g for g in self._groups if g is not group]
+        self._prune_groups()
+        return group
+
+    def _prune_groups(self) -> None:
+        """Free groups nobody sits in; dissolve those mostly dead (a few idle sessions pinning big buffers)."""
+        kept = []
+        for g in self._groups:
+            if g.live and g.live * 2 < g.rows:
+                g.dissolve()
+            if g.live:
+                kept.append(g)
+        self._groups = kept
+
+
+def _group_cache(group: DecodeGroup):
+    """A transformers Cache over a DecodeGroup's buffers: each layer's update writes the new keys/values in
+    place at the group's width and returns views up to them (no concatenation)."""
+    from transformers.cache_utils import Cache
+
+    layers = getattr(group, "hf_layers", None)
+    if layers is None:
+        cls = _group_layer_class()
+        layers = group.hf_layers = [cls(group, i) for i in range(len(group.keys))]
+    return Cache(layers=layers)
+
+
+_GROUP_LAYER = None
+
+
+def _group_layer_class():
+    global _GROUP_LAYER
+    if _GROUP_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class GroupLayer(DynamicLayer):
+            is_croppable = False
+
+            def __init__(self, group: DecodeGroup, index: int):
+                super().__init__()
+                self.group, self.index = group, index
+                self.is_initialized = True
+                self.device = group.keys[index].device
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                g, i, w = self.group, self.index, self.group.width
+                end = w + key_states.shape[-2]
+                g.keys[i][:, :, w:end] = key_states
+                g.values[i][:, :, w:end] = value_states
+                self.keys, self.values = g.keys[i][:, :, :end], g.values[i][:, :, :end]
+                return self.keys, self.values
+
+            def get_seq_length(self) -> int:
+                return self.group.width
+
+        _GROUP_LAYER = GroupLayer
+    return _GROUP_LAYER
 
 
 class _WorkerMetrics:

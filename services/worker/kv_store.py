@@ -15,16 +15,103 @@ import torch
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass
+@dataclass(eq=False)
 class SessionKV:
-    layers: list[LayerKV] | None  # None until the first forward
+    layers: list[LayerKV] | None  # None until the first forward; stale while the session sits in a group
     length: int = 0
+    group: "DecodeGroup | None" = None  # where the KV lives while the session decodes in a steady batch
+    row: int = 0
+
+    def own(self) -> None:
+        """Bring the KV back into `layers` (out of its decode group, if it sits in one)."""
+        if self.group is not None:
+            self.group.detach(self)
+
+    def forget(self) -> None:
+        """The session is gone (released or evicted): free its group row without copying anything."""
+        if self.group is not None:
+            self.group.drop(self)
 
     def crop(self, length: int) -> None:
         """Keep the first `length` tokens (repairs a resend after a lost response)."""
+        self.own()
         if self.layers is not None and length < self.length:
             self.layers = [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in self.layers]
         self.length = min(self.length, length)
+
+
+class DecodeGroup:
+    """The KV of sessions that decode together, batch-major and left-padded in preallocated buffers.
+
+    Row r holds its session's `length` tokens at columns [width - length, width), zeros before them, so
+    every row ends at column `width`, exactly the layout the engine's ragged forward builds for the same
+    batch (same padding, same mask, same positions). While the same sessions keep decoding together, a
+    step appends one column in place and attention reads views of the buffers: no KV is copied. Capacity
+    grows geometrically when full. A session leaves by `detach` (its KV copied back into its own
+    `layers`) or `drop` (released/evicted: nothing copied); its row then stays dead until the group is
+    replaced, and a group with dead rows is never stepped again.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], sessions: list[SessionKV], width: int):
+        self.keys, self.values = keys, values  # per layer [rows, kv_heads, capacity, head_dim]
+        self.sessions: list[SessionKV | None] = list(sessions)
+        self.width = width
+        self.live = len(sessions)
+        device = keys[0].device
+        for r, s in enumerate(sessions):
+            s.group, s.row, s.layers = self, r, None
+        self.pad = torch.tensor([width - s.length for s in sessions], dtype=torch.long, device=device)
+        self._build_mask()
+
+    @property
+    def rows(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def _build_mask(self) -> None:
+        # Columns from a row's first token on are real, including every column still to be appended.
+        cols = torch.arange(self.capacity, device=self.pad.device)
+        self.mask = cols[None, :] >= self.pad[:, None]
+
+    def serves(self, sessions: list[SessionKV]) -> bool:
+        """True when `sessions` (in any order, no duplicates) are exactly this group's rows, all live."""
+        return self.live == self.rows == len(sessions) and all(s.group is self for s in sessions)
+
+    def reserve(self, extra: int, headroom: int) -> None:
+        """Make room for `extra` more columns (reallocating with `headroom` spare columns when full)."""
+        need = self.width + extra
+        if need <= self.capacity:
+            return
+        cap = need + headroom
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros((old.shape[0], old.shape[1], cap, old.shape[3]))
+                new[:, :, : self.width] = old[:, :, : self.width]
+                buffers[i] = new
+        self._build_mask()
+
+    def session_view(self, s: SessionKV) -> list[LayerKV]:
+        """Views of the session's KV inside the buffers, [1, kv_heads, length, head_dim] per layer."""
+        lo, hi, r = self.width - s.length, self.width, s.row
+        return [(k[r: r + 1, :, lo:hi], v[r: r + 1, :, lo:hi]) for k, v in zip(self.keys, self.values)]
+
+    def detach(self, s: SessionKV) -> None:
+        s.layers = [(k.clone(), v.clone()) for k, v in self.session_view(s)] if s.length else None
+        self.drop(s)
+
+    def drop(self, s: SessionKV) -> None:
+        self.sessions[s.row] = None
+        self.live -= 1
+        s.group = None
+
+    def dissolve(self) -> None:
+        """Hand every live session its own copy of its KV; the buffers can then be freed."""
+        for s in self.sessions:
+            if s is not None:
+                self.detach(s)
 
 
 class CapacityError(Exception):
@@ -64,8 +151,14 @@ class KVStore:
         self._sessions.move_to_end(session_id)
         return s
 
+    def _pop(self, session_id: str) -> SessionKV | None:
+        s = self._sessions.pop(session_id, None)
+        if s is not None:
+            s.forget()
+        return s
+
     def release(self, session_ids) -> int:
-        return sum(self._sessions.pop(sid, None) is not None for sid in session_ids)
+        return sum(self._pop(sid) is not None for sid in session_ids)
 
     def make_room(self, growth: dict[str, int]) -> list[str]:
         """Evict least-recently-used sessions outside `growth` until the sessions in `growth` can grow by
@@ -83,7 +176,7 @@ class KVStore:
                 break
             if sid in growth:
                 continue
-            need_total -= self._sessions.pop(sid).length
+            need_total -= self._pop(sid).length
             evicted.append(sid)
         self.evictions += len(evicted)
         if need_total > self.max_total_tokens or len(self._sessions) + new_sessions > self.max_sessions:
