@@ -275,6 +275,12 @@ class ModelEngine:
         admitted, deferred, room = [], [], {}
         for i in runnable:
             w = works[i]
+            if self.kv.held(w.session_id) < w.position:
+                # Evicted just now to make room for an item before it in this batch: running it on an empty
+                # cache would answer from the wrong context. Its owner re-sends the history.
+                outcomes[i] = ExtendOutcome(w.session_id, RESYNC, self.kv.held(w.session_id),
+                                            error="evicted to make room for another session of this batch")
+                continue
             try:
                 self.kv.make_room({**room, w.session_id: len(w.tokens)})
             except CapacityError as exc:
