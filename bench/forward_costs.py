@@ -39,7 +39,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +48,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` importable as a script
+from bench.machine import machine_description  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 ALL_VARIANTS = ["fp32", "bf16", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix", "int8-bf16",
@@ -112,18 +114,6 @@ def shortest_path(graph: dict[str, list[str]], start: str, goal: str) -> list[st
                 queue.append(nxt)
     return None
 '''
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
 
 
 def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:

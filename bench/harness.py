@@ -41,28 +41,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import components as comp  # noqa: E402
 from bench import humaneval, report, runner  # noqa: E402
+from bench.args import add_pair_args  # noqa: E402
+from bench.machine import machine_description  # noqa: E402
 
 console = Console()
 STRATEGY_RUN_NAMES = {"neural": "r2r", "entropy": "r2r-entropy", "random": "r2r-random"}
-
-
-def machine_description(device: str) -> str:
-    import platform
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
-    if device.startswith("cuda"):
-        import torch
-
-        desc = f"{torch.cuda.get_device_name(0)} + {desc}"
-    return desc
 
 
 def resolve_pair(args) -> tuple[str, str]:
@@ -274,13 +257,7 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slm")
-    p.add_argument("--llm")
-    p.add_argument("--tiny", metavar="DIR", help="tiny random models built in DIR (a smoke run)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--slm-dtype", default="auto")
-    p.add_argument("--llm-dtype", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    add_pair_args(p, "auto")
     p.add_argument("--router-checkpoint", default="default",
                    help="neural router checkpoint (default: the shipped one for the default pair; '' = no neural router)")
     p.add_argument("--baselines", default="entropy,random", help="baseline routers to compare")

@@ -80,6 +80,19 @@ def _subtitle(summary: dict) -> str:
     return f"{summary['model_pair']}\n{summary.get('device', '')}: {summary['machine'][:80]}, {summary['date'][:10]}"
 
 
+def _finish(fig, ax, xlabel: str, title: str, summary: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("HumanEval pass@1 (%)")
+    ax.set_title(f"{title}\n{_subtitle(summary)}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_quality_vs_share(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -100,14 +113,7 @@ def plot_quality_vs_share(summary: dict, path: Path) -> None:
                 ax.scatter([100 * r["llm_share"]], [100 * r["humaneval_pass1"]], s=40 if name == "assisted" else 90,
                            marker="D" if name == "assisted" else "s", color=COLORS[name], zorder=4 if name == "assisted" else 3,
                            label=f"{label} ({r['problems']} problems)" if name == "assisted" else label)
-    ax.set_xlabel("LLM token share (%)")
-    ax.set_ylabel("HumanEval pass@1 (%)")
-    ax.set_title("Quality vs LLM share\n" + _subtitle(summary), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "LLM token share (%)", "Quality vs LLM share", summary, path)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -140,11 +146,5 @@ def plot_pareto(summary: dict, path: Path) -> None:
     front = pareto_front([(r["tokens_per_s"], 100 * r["humaneval_pass1"]) for r in runs])
     if len(front) > 1:
         ax.plot(*zip(*front), "--", color="black", alpha=0.5, label="Pareto front")
-    ax.set_xlabel("tokens/s per request (median, 1 session)")
-    ax.set_ylabel("HumanEval pass@1 (%)")
-    ax.set_title("Quality vs speed (R2R points labelled with their LLM share)\n" + _subtitle(summary), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "tokens/s per request (median, 1 session)",
+            "Quality vs speed (R2R points labelled with their LLM share)", summary, path)

@@ -15,14 +15,18 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-from rich.console import Console
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` importable as a script
+
+from rich.console import Console  # noqa: E402
 from rich.progress import Progress
-from rich.table import Table
+from rich.table import Table  # noqa: E402
+
+from bench.args import add_pair_args  # noqa: E402
+from bench.machine import machine_description  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that reverses a string.",
@@ -34,18 +38,6 @@ PROMPTS = [
 ]
 
 console = Console()
-
-
-def machine_description() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def start_services(args):
@@ -148,13 +140,7 @@ def report(out: dict, out_dir: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slm")
-    p.add_argument("--llm")
-    p.add_argument("--tiny", metavar="DIR", help="use tiny random models built in DIR")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--slm-dtype", default="float32")
-    p.add_argument("--llm-dtype", default="float32")
-    p.add_argument("--threads", type=int, default=0)
+    add_pair_args(p, "float32")
     p.add_argument("--router-strategy", default="auto")
     p.add_argument("--router-checkpoint")
     p.add_argument("--threshold", type=float, default=None, help="R2R threshold (default: the router's)")

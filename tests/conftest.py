@@ -28,6 +28,15 @@ TOP_K = 8
 DEVICE = os.environ.get("R2R_TEST_DEVICE", "cpu")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: extra intra-op threads only spin against other work on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     return build_tiny_pair(tmp_path_factory.mktemp("tiny-models"))

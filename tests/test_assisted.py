@@ -26,13 +26,7 @@ def chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: extra intra-op threads only spin against other work on a busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module", params=["float32", "float64"])

@@ -46,17 +46,11 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: extra intra-op threads only spin against other work on a busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread):
+def trained(tmp_path_factory, one_torch_thread):
     feats, labels = separable(2000, seed=0)
     model = fit_router(feats, labels, steps=60, lr=3e-3, seed=0,
                        config=RouterConfig(hidden_size=H, top_k=K, width=32, depth=2, dropout=0.0))

@@ -1,0 +1,15 @@
+"""The flags every benchmark takes to pick the model pair, device and dtypes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_pair_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
+    p.add_argument("--slm", help="SLM folder or id (default: the prepared default pair's)")
+    p.add_argument("--llm", help="LLM folder or id (default: the prepared default pair's)")
+    p.add_argument("--tiny", metavar="DIR", help="tiny random models built in DIR (a smoke run)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--slm-dtype", default=dtype_default)
+    p.add_argument("--llm-dtype", default=dtype_default)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
