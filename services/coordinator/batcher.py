@@ -90,6 +90,12 @@ class StreamBatcher(Generic[Item, Result]):
         self._wakeup.set()
         return await fut
 
+    def leave(self) -> None:
+        """A caller of the last batch will not submit again soon (its session finished, or went to the LLM):
+        the next batch need not wait for it."""
+        self._released = max(0, self._released - 1)
+        self._arrival.set()
+
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -124,8 +130,8 @@ class StreamBatcher(Generic[Item, Result]):
         and may visit the router before it submits its next step. Cutting a batch at the first arrival
         splits them into phase groups that alternate on the peer for the rest of their answers (measured:
         8 sessions ran as 2-3 sequential forwards per step). Waiting for the released callers merges the
-        groups again: the group that queued while the last batch ran joins the callers coming back. A
-        caller that does not come back (finished, or off to the LLM) costs at most `coalesce_s` once."""
+        groups again: the group that queued while the last batch ran joins the callers coming back. Callers
+        that will not come back soon say so (`leave`); one that vanishes silently costs `coalesce_s` once."""
         if self.coalesce_s <= 0:
             return
         loop = asyncio.get_running_loop()

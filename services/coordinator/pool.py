@@ -250,6 +250,11 @@ class WorkerPool:
                                over_capacity=result.status == worker_pb2.EXTEND_OVER_CAPACITY)
         raise ExtendFailed(f"{self.role} worker kept asking for resync of session {session_id}")
 
+    def leaving(self, placement: Placement) -> None:
+        """The session will not step on this pool for a while: its replica's next batch need not wait for it."""
+        if placement.replica is not None:
+            placement.replica.batcher.leave()
+
     async def release(self, session_id: str, placement: Placement) -> None:
         replica = placement.replica
         placement.replica = None

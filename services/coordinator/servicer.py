@@ -215,6 +215,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("request_cancelled", completion_tokens=count)
             raise
         finally:
+            self.slm.leaving(session.slm)
             self._release_later(session)
 
     def _release_later(self, session: Session) -> None:

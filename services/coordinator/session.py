@@ -66,6 +66,7 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
             to_llm = router_fallback == "llm"
         if not to_llm:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
+        slm.leaving(s.slm)  # the LLM step takes a while: the SLM's next batch need not wait for this session
     metrics.LLM_CATCHUP_TOKENS.observe(len(s.history) - (s.llm.cursor if s.llm.replica else 0))
     answer = await llm.extend(s.session_id, s.llm, s.history, s.sampling, want_features=False)
     return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p)
