@@ -48,25 +48,6 @@ console = Console()
 STRATEGY_RUN_NAMES = {"neural": "r2r", "entropy": "r2r-entropy", "random": "r2r-random"}
 
 
-def resolve_pair(args) -> tuple[str, str]:
-    if args.tiny:
-        from r2r_serve.testing.tiny import build_tiny_pair
-
-        paths = build_tiny_pair(args.tiny)
-        return str(paths["slm"]), str(paths["llm"])
-    if args.slm and args.llm:
-        return args.slm, args.llm
-    from r2r_serve.models.registry import default_pair
-
-    slm, llm = default_pair()
-    return args.slm or slm, args.llm or llm
-
-
-def default_checkpoint() -> str | None:
-    path = Path(__file__).resolve().parent.parent / "services/router/checkpoints/qwen2.5-coder-0.5b-instruct.safetensors"
-    return str(path) if path.exists() else None
-
-
 def new_progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console)
@@ -197,11 +178,14 @@ def run_entry(name, threshold, sessions, speed: runner.RunResult, quality: runne
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    slm, llm = resolve_pair(args)
+    from r2r_serve.cli import resolve_models
+    from r2r_serve.models.pair_config import load_pair_config
+
+    slm, llm, _ = resolve_models(args)
     problems = humaneval.load_problems(args.limit)
     checkpoint = args.router_checkpoint
     if checkpoint == "default":
-        checkpoint = None if args.tiny else default_checkpoint()
+        checkpoint = None if args.tiny else load_pair_config().router_checkpoint
     strategies = {"neural": checkpoint} if checkpoint else {}
     strategies |= {s: None for s in ("entropy", "random") if s in args.baselines}
     console.print(f"[bold]{len(problems)} HumanEval problems[/]; SLM {slm}, LLM {llm} on {args.device} "

@@ -41,10 +41,10 @@ console = Console()
 
 
 def start_services(args):
-    from r2r_serve.cli import _resolve_pair
+    from r2r_serve.cli import resolve_models
     from r2r_serve.launcher import LocalCluster, start_deployment
 
-    slm, llm = _resolve_pair(args)
+    slm, llm, _ = resolve_models(args)
     cluster = LocalCluster(args.log_dir)
     with console.status("starting SLM worker, LLM worker, router and coordinator ..."):
         d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,

@@ -86,33 +86,38 @@ class ServePlan:
     pair: str = ""
 
 
-def serve_plan(args) -> ServePlan:
-    """Flags win over the pair file. The pair file (`--pair`, else the default pair's when --slm/--llm are not
-    both given) names the models, their dtype per device kind, the router and chat options; its router is
-    used only with its own SLM (a router reads one SLM's features)."""
-    from r2r_serve.models.pair_config import DEFAULT_PAIR_NAME, auto_dtype, load_pair_config
-
-    def dtype(flag: str, from_pair: str) -> str:
-        chosen = flag if flag != "auto" else from_pair
-        return auto_dtype(args.device) if chosen == "auto" else chosen
+def resolve_models(args):
+    """(slm, llm, pair config or None): --tiny models, else flags over the pair file (`--pair`, else the
+    default pair's when --slm/--llm are not both given)."""
+    from r2r_serve.models.pair_config import DEFAULT_PAIR_NAME, load_pair_config
 
     if getattr(args, "tiny", None):
         from r2r_serve.testing.tiny import build_tiny_pair
 
         paths = build_tiny_pair(args.tiny)
-        return ServePlan(str(paths["slm"]), str(paths["llm"]), dtype(args.slm_dtype, "auto"),
-                         dtype(args.llm_dtype, "auto"), args.router_strategy, args.router_checkpoint,
-                         args.threshold)
+        return str(paths["slm"]), str(paths["llm"]), None
     pair_name = getattr(args, "pair", None)
-    pair = load_pair_config(pair_name or DEFAULT_PAIR_NAME) if (pair_name or not (args.slm and args.llm)) else None
+    if not pair_name and args.slm and args.llm:
+        return args.slm, args.llm, None
+    pair = load_pair_config(pair_name or DEFAULT_PAIR_NAME)
+    return args.slm or _prepared(pair.slm.model), args.llm or _prepared(pair.llm.model), pair
+
+
+def serve_plan(args) -> ServePlan:
+    """Flags win over the pair file, which names the models, their dtype per device kind, the router and chat
+    options; its router is used only with its own SLM (a router reads one SLM's features)."""
+    from r2r_serve.models.pair_config import auto_dtype
+
+    slm, llm, pair = resolve_models(args)
+
+    def dtype(flag: str, role) -> str:
+        chosen = flag if flag != "auto" else (role.dtype_for(args.device) if role else "auto")
+        return auto_dtype(args.device) if chosen == "auto" else chosen
+
+    plan = ServePlan(slm, llm, dtype(args.slm_dtype, pair and pair.slm), dtype(args.llm_dtype, pair and pair.llm),
+                     args.router_strategy, args.router_checkpoint, args.threshold, pair=pair.name if pair else "")
     if pair is None:
-        return ServePlan(args.slm, args.llm, dtype(args.slm_dtype, "auto"), dtype(args.llm_dtype, "auto"),
-                         args.router_strategy, args.router_checkpoint, args.threshold)
-    plan = ServePlan(slm=args.slm or _prepared(pair.slm.model), llm=args.llm or _prepared(pair.llm.model),
-                     slm_dtype=dtype(args.slm_dtype, pair.slm.dtype_for(args.device)),
-                     llm_dtype=dtype(args.llm_dtype, pair.llm.dtype_for(args.device)),
-                     router_strategy=args.router_strategy, router_checkpoint=args.router_checkpoint,
-                     threshold=args.threshold, pair=pair.name)
+        return plan
     if args.router_strategy == "auto" and not args.router_checkpoint and not args.slm:
         plan.router_strategy, plan.router_checkpoint = pair.router_strategy, pair.router_checkpoint
         if plan.threshold is None:
@@ -122,11 +127,6 @@ def serve_plan(args) -> ServePlan:
     if pair.template_kwargs:
         plan.coordinator_args += ["--chat-template-kwargs", json.dumps(pair.template_kwargs)]
     return plan
-
-
-def _resolve_pair(args) -> tuple[str, str]:
-    plan = serve_plan(args)
-    return plan.slm, plan.llm
 
 
 def cmd_serve(args) -> int:
