@@ -78,25 +78,23 @@ class Services:
 
 
 def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype: str, strategies: dict[str, str | None],
-                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, say=print,
-                   worker_args: tuple[str, ...] = ()) -> Services:
+                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, say=print) -> Services:
     """Workers once, then a router + coordinator per strategy ({name: checkpoint or None})."""
-    from r2r_serve.launcher import LocalCluster, start_deployment
+    from r2r_serve.launcher import LocalCluster, start_deployment, start_router_and_coordinator
 
     cluster = LocalCluster(log_dir)
     say(f"service logs: {cluster.log_dir}")
     names = list(strategies)
     first = names[0]
+    limit = ["--max-concurrent-sessions", str(max_sessions)]
     d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=device,
                          threads=threads, router_strategy=first, router_checkpoint=strategies[first],
-                         say=lambda *a, **k: None)
+                         coordinator_args=limit, say=lambda *a, **k: None)
     services = Services(cluster, {first: d.coordinator}, d.slm, d.llm)
     for name in names[1:]:
-        router_args = ["router", "--strategy", name] + (["--checkpoint", strategies[name]] if strategies[name] else [])
-        router = cluster.start(f"router-{name}", router_args)
-        services.coordinators[name] = cluster.start(
-            f"coordinator-{name}", ["coordinator", "--slm", d.slm, "--llm", d.llm, "--router", router,
-                                    "--max-concurrent-sessions", str(max_sessions)])
+        _, services.coordinators[name] = start_router_and_coordinator(
+            cluster, d.slm, d.llm, router_strategy=name, router_checkpoint=strategies[name],
+            coordinator_args=limit, suffix=f"-{name}")
     return services
 
 

@@ -97,6 +97,12 @@ class Deployment:
     router: str
 
 
+def _internal_tls(certs) -> list[str]:
+    """Server flags of an internal service: TLS that requires the CA-signed client certificate (mTLS)."""
+    return (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca)]
+            if certs else [])
+
+
 def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: str, llm_dtype: str,
                      device: str = "cpu", threads: int = 0, slm_replicas: int = 1, llm_replicas: int = 1,
                      router_strategy: str = "auto", router_checkpoint: str | None = None,
@@ -110,8 +116,7 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
     coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
     never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none" or "int8");
     `coordinator_args`: more coordinator flags (a pair's chat options)."""
-    internal_tls = (["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
-                     "--tls-client-ca", str(certs.ca)] if certs else [])
+    internal_tls = _internal_tls(certs)
     common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls
     endpoints: dict[str, list[str]] = {"slm": [], "llm": []}
     for role, model, dtype, quantize, count in (("slm", slm, slm_dtype, slm_quantize, slm_replicas),
@@ -123,10 +128,23 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
             endpoints[role].append(cluster.start(name, ["worker", "--role", role, "--model", model,
                                                         "--dtype", dtype, *quant, *common]))
     slm_ep, llm_ep = ",".join(endpoints["slm"]), ",".join(endpoints["llm"])
+    router_ep, coord_ep = start_router_and_coordinator(
+        cluster, slm_ep, llm_ep, router_strategy=router_strategy, router_checkpoint=router_checkpoint,
+        threshold=threshold, port=port, certs=certs, token=token, coordinator_args=coordinator_args)
+    return Deployment(coordinator=coord_ep, slm=slm_ep, llm=llm_ep, router=router_ep)
+
+
+def start_router_and_coordinator(cluster: LocalCluster, slm_ep: str, llm_ep: str, *, router_strategy: str = "auto",
+                                 router_checkpoint: str | None = None, threshold: float | None = None,
+                                 port: int | None = None, certs=None, token: str | None = None,
+                                 coordinator_args: list[str] | tuple[str, ...] = (), suffix: str = "") -> tuple[str, str]:
+    """A router and a coordinator in front of running workers; returns their endpoints. Several can share
+    the same workers (`suffix` names their logs apart), e.g. one per router strategy in the bench."""
+    internal_tls = _internal_tls(certs)
     router_args = ["router", "--strategy", router_strategy, *internal_tls]
     if router_checkpoint:
         router_args += ["--checkpoint", router_checkpoint]
-    router_ep = cluster.start("router", router_args)
+    router_ep = cluster.start(f"router{suffix}", router_args)
     coord_args = ["coordinator", "--slm", slm_ep, "--llm", llm_ep, "--router", router_ep, *coordinator_args]
     if threshold is not None:
         coord_args += ["--threshold", str(threshold)]
@@ -134,5 +152,6 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
         coord_args += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
                        "--tls-ca", str(certs.ca), "--tls-client-cert", str(certs.client_cert),
                        "--tls-client-key", str(certs.client_key)]
-    coord_ep = cluster.start("coordinator", coord_args, port=port, env={"R2R_AUTH_TOKEN": token} if token else None)
-    return Deployment(coordinator=coord_ep, slm=slm_ep, llm=llm_ep, router=router_ep)
+    coord_ep = cluster.start(f"coordinator{suffix}", coord_args, port=port,
+                             env={"R2R_AUTH_TOKEN": token} if token else None)
+    return router_ep, coord_ep
