@@ -58,3 +58,18 @@ def test_random_batches_under_a_tiny_budget_keep_answers_exact(tiny_pair, hf, ex
         for i in history:
             engine.release([f"{seed}-{i}"])
     assert resyncs > 0 and engine.kv.evictions > 0  # the budget really forced evictions
+
+
+def test_an_extend_arriving_after_its_release_does_not_bring_the_session_back(tiny_pair):
+    """A request cancelled mid-step: its release can reach the worker before the step already in flight.
+    That late step must not recreate a KV that nobody will ever free again."""
+    from r2r_serve.worker.engine import INVALID
+
+    engine = ModelEngine(EngineConfig(model=str(tiny_pair["slm"]), role="slm", dtype="float64", features_top_k=8))
+    engine.load()
+    assert engine.extend([ExtendWork("late", 0, [1, 2, 3])])[0].status == OK
+    engine.release(["late"])
+    outcome = engine.extend([ExtendWork("late", 0, [1, 2, 3])])[0]
+    assert outcome.status == INVALID and "was released" in outcome.error
+    assert not engine.kv.held("late") and len(engine.kv) == 0
+    assert engine.extend([ExtendWork("fresh", 0, [1, 2, 3])])[0].status == OK  # others are unaffected

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def quantize_int8(model: torch.nn.Module) -> int:
     return count
 
 
+RELEASED_MEMORY = 65536  # released session ids remembered (refused if they come back)
+
+
 class ModelEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -122,6 +126,9 @@ class ModelEngine:
         self.phase_times: dict[str, float] | None = None
         self._mark_at = 0.0
         self._groups: list[DecodeGroup] = []  # decode batches whose KV lives batch-major (fast_paths)
+        # Released session ids, newest last: an extend that was already on its way when its session was
+        # released (a request cancelled mid-step) must not bring the session back as a KV nobody frees.
+        self._released: OrderedDict[str, None] = OrderedDict()
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -195,6 +202,11 @@ class ModelEngine:
                     eos_token_ids=self.eos_token_ids, features_dtype=self.config.features_dtype)
 
     def release(self, session_ids) -> int:
+        for sid in session_ids:
+            self._released[sid] = None
+            self._released.move_to_end(sid)
+        while len(self._released) > RELEASED_MEMORY:
+            self._released.popitem(last=False)
         released = self.kv.release(session_ids)
         self._prune_groups()
         self._metrics.update_kv(self.kv)
@@ -253,6 +265,8 @@ class ModelEngine:
             return "session_id is empty"
         if w.session_id in seen:
             return f"session {w.session_id} appears twice in one batch"
+        if w.session_id in self._released:
+            return f"session {w.session_id} was released; a new request needs a new session id"
         if not w.tokens:
             return "no new tokens to extend with"
         bad = [t for t in w.tokens if not 0 <= t < self.vocab_size]
