@@ -34,6 +34,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from r2r_serve.common.dtypes import parse_dtype_policy
 from r2r_serve.common.tensors import parse_dtype
 
 Mode = Literal["assisted", "llm", "slm"]
@@ -101,7 +102,10 @@ class StopStrings(StoppingCriteria):
 # ---- loading --------------------------------------------------------------------------------------
 def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", slm_dtype: str = "float32",
               llm_dtype: str = "float32", threads: int = 0) -> Pair:
-    """Both models from local folders (never the hub), in eval mode, plus the LLM folder's tokenizer."""
+    """Both models from local folders (never the hub), in eval mode, plus the LLM folder's tokenizer.
+
+    HF generate runs each model in one dtype: for a split policy (DECODE/PREFILL, common/dtypes.py) the
+    drafting SLM takes DECODE (it writes token by token), the verifying LLM PREFILL (multi-token forwards)."""
     from transformers import AutoTokenizer
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -109,8 +113,8 @@ def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", s
         torch.set_num_threads(threads)
     dev = torch.device(device)
     tokenizer = AutoTokenizer.from_pretrained(_local(llm_path), local_files_only=True)
-    slm = _load_model(slm_path, slm_dtype, dev)
-    llm = _load_model(llm_path, llm_dtype, dev)
+    slm = _load_model(slm_path, slm_dtype if slm_dtype == "auto" else parse_dtype_policy(slm_dtype).decode, dev)
+    llm = _load_model(llm_path, llm_dtype if llm_dtype == "auto" else parse_dtype_policy(llm_dtype).prefill, dev)
     eos = _eos_ids(tokenizer, slm, llm)
     for model in (slm, llm):
         _plain_greedy_config(model, eos, tokenizer)

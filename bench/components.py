@@ -1,7 +1,8 @@
 """Component timings and the ideal bound: what R2R would cost with zero service overhead.
 
-Timed in-process with plain transformers forwards (same device and dtypes as the services), after the
-services are stopped so nothing competes:
+Timed in-process with plain transformers forwards (same device and dtypes as the services, each forward in
+the dtype a split policy's worker would pick for its length), after the services are stopped so nothing
+competes:
 - SLM prefill of n prompt tokens, and one SLM decode step over a realistic cache;
 - LLM forward of k new tokens over a cache (the catch-up when a token is routed; k = 1 is a decode step;
   a first catch-up covers the whole prompt too);
@@ -24,6 +25,9 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import torch
+
+from r2r_serve.common.dtypes import DEFAULT_PREFILL_FROM_TOKENS, parse_dtype_policy
+from r2r_serve.common.tensors import parse_dtype
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -104,28 +108,37 @@ def forward_costs(model, lengths, context: int, device: torch.device, repeats: i
 
 
 def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dtype: str, strategy=None,
-            context: int = 256, max_prefill: int = 512, repeats: int = 5, say=print) -> Components:
+            context: int = 256, max_prefill: int = 512, repeats: int = 5,
+            prefill_from_tokens: int = DEFAULT_PREFILL_FROM_TOKENS, say=print) -> Components:
+    """`slm_dtype`/`llm_dtype`: the workers' dtype policies; a forward of k tokens is timed in the dtype the
+    worker runs it in (DECODE below `prefill_from_tokens`, PREFILL from it on)."""
     from transformers import AutoModelForCausalLM
 
     dev = torch.device(device)
 
-    def load(path, dtype):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(dev).eval()
+    def timed(path: str, spec: str, plan: list[tuple[list[int], int]]) -> list[CostTable]:
+        """One CostTable per (lengths, context) in `plan`, each length in its policy's dtype."""
+        policy = parse_dtype_policy(spec)
+        tables = [CostTable() for _ in plan]
+        for dtype in dict.fromkeys((policy.decode, policy.prefill)):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype)).to(dev).eval()
+            for table, (ks, ctx) in zip(tables, plan):
+                mine = [k for k in ks if (policy.prefill if k >= prefill_from_tokens else policy.decode) == dtype]
+                if mine:
+                    table.ms.update(forward_costs(model, mine, ctx, dev, repeats).ms)
+            del model
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        return tables
 
     lengths = [k for k in LENGTHS if k <= max_prefill]
     say("timing the SLM ...")
-    slm = load(slm_path, slm_dtype)
-    slm_prefill = forward_costs(slm, [k for k in lengths if k >= 16], 0, dev, repeats)
-    slm_step = forward_costs(slm, [1], context, dev, repeats).ms[1]
-    del slm
+    slm_prefill, slm_step = timed(slm_path, slm_dtype, [([k for k in lengths if k >= 16], 0), ([1], context)])
     say("timing the LLM ...")
-    llm = load(llm_path, llm_dtype)
-    llm_forward = forward_costs(llm, lengths, context, dev, repeats)
-    del llm
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    (llm_forward,) = timed(llm_path, llm_dtype, [(lengths, context)])
+    slm_prefill.ms, llm_forward.ms = dict(sorted(slm_prefill.ms.items())), dict(sorted(llm_forward.ms.items()))
     router_ms = _router_ms(strategy, repeats) if strategy is not None else 0.0
-    return Components(slm_prefill, slm_step, llm_forward, router_ms, context, repeats)
+    return Components(slm_prefill, slm_step.ms[1], llm_forward, router_ms, context, repeats)
 
 
 def _router_ms(strategy, repeats: int) -> float:

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     strategies = {"neural": checkpoint} if checkpoint else {}
     strategies |= {s: None for s in ("entropy", "random") if s in args.baselines}
     console.print(f"[bold]{len(problems)} HumanEval problems[/]; SLM {slm}, LLM {llm} on {args.device} "
-                  f"({args.slm_dtype}/{args.llm_dtype}); routers: {', '.join(strategies)}")
+                  f"(SLM {args.slm_dtype}, LLM {args.llm_dtype}); routers: {', '.join(strategies)}")
     started = time.perf_counter()
     served = service_phase(args, slm, llm, problems, strategies)
     assisted_result = assisted_phase(args, slm, llm, problems)
@@ -266,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-dir")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    from r2r_serve.models.pair_config import auto_dtype  # as r2r serve: bf16 on GPUs and on CPUs with bf16 units
+    from r2r_serve.models.pair_config import auto_dtype  # as r2r serve (bf16, or bfloat16/float32 on AVX2 CPUs)
 
     args.slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else auto_dtype(args.device)
     args.llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else auto_dtype(args.device)

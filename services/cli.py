@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     from r2r_serve.gateway.app import add_gateway_args
     from r2r_serve.router.app import add_router_args
     from r2r_serve.router.strategies import STRATEGIES
-    from r2r_serve.worker.app import add_worker_args
+    from r2r_serve.worker.app import add_worker_args, worker_dtype_arg
 
     parser = argparse.ArgumentParser(prog="r2r", description="R2R small/large model token routing over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", help="LLM folder or id (default: the pair's)")
     p.add_argument("--tiny", metavar="DIR", help="build (once) and serve tiny random test models from DIR")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--slm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--llm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
+    dtype_help = ("auto (bf16 on GPUs and CPUs with bf16 units, bfloat16/float32 on other x86 CPUs), a dtype, or "
+                  "DECODE/PREFILL: short forwards in DECODE, long ones in PREFILL (see r2r worker --help)")
+    p.add_argument("--slm-dtype", default="auto", type=worker_dtype_arg, help=dtype_help)
+    p.add_argument("--llm-dtype", default="auto", type=worker_dtype_arg, help=dtype_help)
     p.add_argument("--slm-quantize", default="none", choices=["none", "int8"],
                    help="int8: dynamic int8 linear layers in the SLM worker (CPU, float32 only; outputs drift)")
     p.add_argument("--llm-quantize", default="none", choices=["none", "int8"],

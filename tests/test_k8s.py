@@ -346,7 +346,7 @@ def test_worker_roles_and_model_settings_come_from_the_configmap(rendered):
         for f in ("--model", "--dtype", "--device"):
             assert VAR.search(flag(raw, f) or ""), f"{component}: {f} should come from the ConfigMap"
         args = expanded_args(docs, deploy, c)
-        assert flag(args, "--dtype") in {"float32", "bfloat16", "float16"}
+        assert flag(args, "--dtype") in {"auto", "float32", "bfloat16", "float16"}
         assert flag(args, "--model"), component
     router = deployment_of_component(docs, "router")
     args = expanded_args(docs, router, main_container(router))
@@ -501,7 +501,8 @@ def test_cpu_overlay_is_one_small_cpu_node():
         assert deploy["spec"].get("replicas", 1) == 1, deploy["metadata"]["name"]
         if c["args"][0] == "worker":
             args = expanded_args(docs, deploy, c)
-            assert flag(args, "--device") == "cpu" and flag(args, "--dtype") == "float32"
+            # auto: the worker picks for its node (bf16, or bfloat16/float32 on AVX2 CPUs)
+            assert flag(args, "--device") == "cpu" and flag(args, "--dtype") == "auto"
             # torch threads = the CPU limit
             assert int(flag(args, "--threads")) == int(c["resources"]["limits"]["cpu"])
     for hpa in of_kind(docs, "HorizontalPodAutoscaler"):

@@ -71,7 +71,7 @@ async def test_the_workers_really_run_int8(int8_services):
     for handle in (int8_services.slm, int8_services.llm):
         engine = handle.servicer.engine
         assert is_quantized(engine.model)
-        assert isinstance(engine.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+        assert isinstance(engine.decode_weights.lm_head, torch.ao.nn.quantized.dynamic.Linear)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

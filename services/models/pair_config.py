@@ -15,7 +15,6 @@ from pathlib import Path
 PAIRS_DIR = Path(__file__).resolve().parent / "pairs"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the installed r2r_serve package
 DEFAULT_PAIR_NAME = "qwen2.5-coder"
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
 class PairConfigError(ValueError):
@@ -81,10 +80,23 @@ def _role(data: dict, role: str, source: Path) -> RoleConfig:
     dtype = section.get("dtype", {"cpu": "auto", "cuda": "bfloat16"})
     if isinstance(dtype, str):
         dtype = {"cpu": dtype, "cuda": dtype}
-    bad = {k: v for k, v in dtype.items() if k not in ("cpu", "cuda") or v not in DTYPES}
+    bad = {k: v for k, v in dtype.items() if k not in ("cpu", "cuda") or not _dtype_ok(v)}
     if bad:
-        raise PairConfigError(f"{source}: [{role}] dtype {bad} is not understood; keys cpu/cuda, values {DTYPES}")
+        raise PairConfigError(f"{source}: [{role}] dtype {bad} is not understood; keys cpu/cuda, values auto, "
+                              "a dtype (float32, bfloat16, float16, float64) or DECODE/PREFILL (bfloat16/float32)")
     return RoleConfig(model=section["model"], dtype=dict(dtype))
+
+
+def _dtype_ok(value) -> bool:
+    from r2r_serve.common.dtypes import parse_dtype_policy
+
+    if value == "auto":
+        return True
+    try:
+        parse_dtype_policy(value)
+    except (ValueError, AttributeError):
+        return False
+    return True
 
 
 def load_pair_config(name_or_path: str | os.PathLike = DEFAULT_PAIR_NAME) -> PairConfig:
@@ -111,17 +123,23 @@ def load_pair_config(name_or_path: str | os.PathLike = DEFAULT_PAIR_NAME) -> Pai
                       description=data.get("description", ""))
 
 
-def cpu_has_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): there bf16 forwards beat fp32
-    at every length; without them bf16 multi-token forwards are 4-5x slower than fp32."""
+def _cpu_flags() -> set[str]:
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+        return set()
+    return set(flags.split())
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): there bf16 forwards beat fp32
+    at every length; without them bf16 multi-token forwards are 4-5x slower than fp32."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def auto_dtype(device: str) -> str:
-    if device.startswith("cuda"):
+    """bf16 on GPUs and on CPUs with bf16 units; on other x86 CPUs (AVX2) bf16 decode steps with fp32 long
+    forwards (common/dtypes.py: each forward in the cheaper copy of the weights); else fp32."""
+    if device.startswith("cuda") or cpu_has_bf16():
         return "bfloat16"
-    return "bfloat16" if cpu_has_bf16() else "float32"
+    return "bfloat16/float32" if "avx2" in _cpu_flags() else "float32"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from r2r_serve.common import metrics
+from r2r_serve.common.dtypes import DEFAULT_PREFILL_FROM_TOKENS, parse_dtype_policy
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.tensors import parse_dtype, to_proto
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
@@ -62,7 +63,10 @@ class EngineConfig:
     model: str
     role: str = "slm"
     device: str = "cpu"
+    # One dtype, or DECODE/PREFILL (common/dtypes.py): forwards of >= prefill_from_tokens token rows run in
+    # PREFILL weights, shorter ones in DECODE weights (also the KV cache's dtype).
     dtype: str = "float32"
+    prefill_from_tokens: int = DEFAULT_PREFILL_FROM_TOKENS
     max_sessions: int = 256
     max_tokens_per_session: int = 0       # 0 = the model's context length
     max_total_tokens: int = 1_000_000
@@ -90,7 +94,7 @@ def check_quantize(quantize: str, device: str, dtype: str) -> None:
     if torch.device(device).type != "cpu":
         raise ValueError(f"quantize={quantize!r} runs on the CPU only (PyTorch's dynamic int8 kernels); "
                          f"device {device!r} must use quantize='none' (bf16 is the GPU choice)")
-    if dtype != "float32":
+    if dtype != "float32":  # a split policy ("bfloat16/float32") too: one set of float32 weights
         raise ValueError(f"quantize={quantize!r} needs dtype float32 (the int8 layers take and return "
                          f"float32 activations), not {dtype!r}")
 
@@ -144,13 +148,27 @@ class ModelEngine:
                                     "(set HF_HUB_OFFLINE=0 where a hub is reachable, or prepare the model)")
         started = time.perf_counter()
         self.device = torch.device(cfg.device)
-        self.dtype = parse_dtype(cfg.dtype)
+        self.policy = parse_dtype_policy(cfg.dtype)
+        if cfg.prefill_from_tokens < 1:
+            raise ValueError(f"prefill_from_tokens must be >= 1, got {cfg.prefill_from_tokens}")
+        self.dtype = parse_dtype(self.policy.decode)  # also the KV cache's
         self.features_dtype = parse_dtype(cfg.features_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        kwargs = {"dtype": self.dtype}
+        kwargs = {}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
+
+        def load_weights(dtype: torch.dtype):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(self.device).eval()
+
+        prefill_dtype = parse_dtype(self.policy.prefill)
+        # A split policy holds a second copy of the weights for long forwards (both stay resident). The wider
+        # copy loads first: its load peak (about twice its size) then has only the narrow copy's room beside it.
+        prefill_model = (load_weights(prefill_dtype)
+                         if self.policy.split and prefill_dtype.itemsize > self.dtype.itemsize else None)
+        self.model = load_weights(self.dtype)
+        if self.policy.split and prefill_model is None:
+            prefill_model = load_weights(prefill_dtype)
         params = sum(p.numel() for p in self.model.parameters())
         if cfg.quantize == "int8":
             quantized = quantize_int8(self.model)
@@ -161,9 +179,10 @@ class ModelEngine:
         if layer_types != {"full_attention"}:
             raise NotImplementedError(f"{path}: layer types {sorted(layer_types)} are not supported yet "
                                       "(only full-attention decoders)")
-        self.base = getattr(self.model, self.model.base_model_prefix)
-        self.lm_head = self.model.get_output_embeddings()
-        self.embedding = self.model.get_input_embeddings()
+        self.decode_weights = _Weights.of(self.model)
+        self.prefill_weights = _Weights.of(prefill_model) if prefill_model is not None else self.decode_weights
+        self.embedding = self.model.get_input_embeddings()  # router features (same values in either copy)
+        self.forwards_by_dtype: dict[str, int] = {}
         self.vocab_size = self.embedding.num_embeddings
         self.max_context = int(getattr(mc, "max_position_embeddings", 0) or 32768)
         per_session = cfg.max_tokens_per_session or self.max_context
@@ -173,7 +192,8 @@ class ModelEngine:
         self.eos_token_ids = self._eos_ids()
         self._metrics = _WorkerMetrics(cfg.role)
         self._metrics.kv_capacity.set(self.kv.max_total_tokens)
-        log.info("model_loaded", model=path, role=cfg.role, dtype=cfg.dtype, device=cfg.device,
+        log.info("model_loaded", model=path, role=cfg.role, dtype=str(self.policy), device=cfg.device,
+                 prefill_from_tokens=cfg.prefill_from_tokens if self.policy.split else None,
                  quantize=cfg.quantize, params_m=round(params / 1e6, 1),
                  load_s=round(time.perf_counter() - started, 2))
 
@@ -187,16 +207,19 @@ class ModelEngine:
         return sorted(int(i) for i in ids)
 
     def warmup(self) -> None:
-        """One real forward so the first request does not pay for lazy initialisation."""
-        sid = "__warmup__"
-        self.extend([ExtendWork(sid, 0, [0, 1, 2], want_features=self.config.role == "slm")])
+        """Real forwards (a prefill, then a decode step: each set of weights of a split policy runs once) so
+        the first request does not pay for lazy initialisation."""
+        sid, n = "__warmup__", max(3, self.config.prefill_from_tokens)
+        feats = self.config.role == "slm"
+        self.extend([ExtendWork(sid, 0, list(range(n)), want_features=feats)])
+        self.extend([ExtendWork(sid, n, [0], want_features=feats)])
         self.release([sid])
 
     def info(self) -> dict:
         mc = self.model.config
         return dict(role=self.config.role, model_name=str(getattr(mc, "_name_or_path", "") or self.config.model),
                     vocab_size=self.vocab_size, tokenizer_fingerprint=self.fingerprint,
-                    hidden_size=int(mc.hidden_size), dtype=self.config.dtype, device=str(self.device),
+                    hidden_size=int(mc.hidden_size), dtype=str(self.policy), device=str(self.device),
                     max_sessions=self.kv.max_sessions, max_tokens_per_session=self.kv.max_tokens_per_session,
                     max_total_tokens=self.kv.max_total_tokens, features_top_k=self.config.features_top_k,
                     eos_token_ids=self.eos_token_ids, features_dtype=self.config.features_dtype)
@@ -323,8 +346,12 @@ class ModelEngine:
         sessions = [self.kv.touch(works[i].session_id) for i in chunk]
         started = time.perf_counter()
         self._mark(None)
-        hidden = self._forward(sessions, [works[i].tokens for i in chunk])
-        logits = self.lm_head(hidden)
+        chunks = [works[i].tokens for i in chunk]
+        weights = self._weights_for(len(chunks) * max(len(c) for c in chunks))
+        hidden = self._forward(sessions, chunks, weights)
+        logits = weights.lm_head(hidden)
+        name = str(weights.dtype).removeprefix("torch.")
+        self.forwards_by_dtype[name] = self.forwards_by_dtype.get(name, 0) + 1
         params = [works[i].sampling for i in chunk]
         positions = [s.length for s in sessions]  # position of the token being chosen
         # Router features are the SLM's to give: an LLM worker ignores the flag (and saves the work).
@@ -406,25 +433,38 @@ class ModelEngine:
         self._mark("features")
         return [int(t) for t in host[:B]], host[B: 2 * B], feats
 
-    def _forward(self, sessions: list[SessionKV], chunks: list[list[int]]) -> torch.Tensor:
-        """Run the decoder over each session's new tokens; update its KV; return the final-norm hidden
-        state at each session's last new token, [B, H]."""
+    def _weights_for(self, rows: int) -> "_Weights":
+        """The weights a forward over `rows` token rows (batch x padded new tokens) runs in."""
+        return self.prefill_weights if rows >= self.config.prefill_from_tokens else self.decode_weights
+
+    def _to_kv(self, t: torch.Tensor, copy: bool) -> torch.Tensor:
+        """A forward's keys/values as the KV cache stores them (the decode dtype); `copy`: never a view."""
+        if t.dtype != self.dtype:
+            return t.to(self.dtype)
+        return t.clone() if copy else t
+
+    def _forward(self, sessions: list[SessionKV], chunks: list[list[int]], w: "_Weights") -> torch.Tensor:
+        """Run the decoder (weights `w`) over each session's new tokens; update its KV; return the final-norm
+        hidden state at each session's last new token, [B, H]."""
         from transformers import DynamicCache
 
         dev = self.device
         if self.config.fast_paths:
             if all(len(c) == 1 for c in chunks) and any(s.length for s in sessions):
-                return self._forward_decode(sessions, chunks)
+                return self._forward_decode(sessions, chunks, w)
             for s in sessions:  # the paths below read (and replace) each session's own KV
                 s.own()
         if len(sessions) == 1:  # no padding needed
             s, toks = sessions[0], chunks[0]
-            cache = DynamicCache(ddp_cache_data=s.layers) if s.layers else DynamicCache()
+            past = s.layers
+            if past and past[0][0].dtype != w.dtype:
+                past = [(k.to(w.dtype), v.to(w.dtype)) for k, v in past]
+            cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
             ids = torch.tensor([toks], dtype=torch.long, device=dev)
             self._mark("kv")
-            out = self.base(input_ids=ids, cache=cache, use_cache=True)
+            out = w.base(input_ids=ids, cache=cache, use_cache=True)
             self._mark("forward")
-            s.layers = [(layer.keys, layer.values) for layer in cache.layers]
+            s.layers = [(self._to_kv(layer.keys, False), self._to_kv(layer.values, False)) for layer in cache.layers]
             s.length += len(toks)
             return out.last_hidden_state[:, -1]
 
@@ -443,8 +483,8 @@ class ModelEngine:
             ref = next(s.layers for s in sessions if s.layers)
             layers = []
             for li, (k0, v0) in enumerate(ref):
-                k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]))
-                v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]))
+                k = k0.new_zeros((B, k0.shape[1], P, k0.shape[3]), dtype=w.dtype)
+                v = v0.new_zeros((B, v0.shape[1], P, v0.shape[3]), dtype=w.dtype)
                 for b, s in enumerate(sessions):
                     if s.length:
                         k[b, :, P - s.length:] = s.layers[li][0][0]
@@ -452,13 +492,13 @@ class ModelEngine:
                 layers.append((k, v))
             cache = DynamicCache(ddp_cache_data=layers)
         self._mark("kv")
-        out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out = w.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         self._mark("forward")
         for b, s in enumerate(sessions):
             lo, hi = P - past[b], P + new[b]
-            # clone: a view would keep the whole padded batch tensor alive
-            s.layers = [(layer.keys[b: b + 1, :, lo:hi].clone(), layer.values[b: b + 1, :, lo:hi].clone())
-                        for layer in cache.layers]
+            # copies: a view would keep the whole padded batch tensor alive
+            s.layers = [(self._to_kv(layer.keys[b: b + 1, :, lo:hi], True),
+                         self._to_kv(layer.values[b: b + 1, :, lo:hi], True)) for layer in cache.layers]
             s.length += new[b]
         last = torch.tensor([n - 1 for n in new], device=dev)
         hidden = out.last_hidden_state[torch.arange(B, device=dev), last]
@@ -467,7 +507,7 @@ class ModelEngine:
 
 
     # ---- decode batches on persistent KV ----------------------------------------------------------
-    def _forward_decode(self, sessions: list[SessionKV], chunks: list[list[int]]) -> torch.Tensor:
+    def _forward_decode(self, sessions: list[SessionKV], chunks: list[list[int]], w: "_Weights") -> torch.Tensor:
         """One new token per session, on a DecodeGroup: reused as is when these sessions are exactly the
         group of the previous step (no KV copied), else built once from where each session's KV lives.
         Same padding, mask and positions as the ragged path would use for this batch."""
@@ -486,8 +526,8 @@ class ModelEngine:
         mask = g.mask[:, : g.width + 1] if B > 1 else None  # one row never has padding
         cache = _group_cache(g)
         self._mark("kv")
-        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True)
+        out = w.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                     use_cache=True)
         self._mark("forward")
         g.width += 1
         for s in sessions:
@@ -555,6 +595,19 @@ class ModelEngine:
         self._groups = kept
 
 
+@dataclass(frozen=True)
+class _Weights:
+    """One copy of the model's weights: the decoder, its head and their dtype."""
+
+    base: torch.nn.Module
+    lm_head: torch.nn.Module
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model) -> "_Weights":
+        return cls(getattr(model, model.base_model_prefix), model.get_output_embeddings(), model.dtype)
+
+
 def _group_cache(group: DecodeGroup):
     """A transformers Cache over a DecodeGroup's buffers: each layer's update writes the new keys/values in
     place at the group's width and returns views up to them (no concatenation)."""
@@ -587,9 +640,11 @@ def _group_layer_class():
             def update(self, key_states, value_states, *args, **kwargs):
                 g, i, w = self.group, self.index, self.group.width
                 end = w + key_states.shape[-2]
-                g.keys[i][:, :, w:end] = key_states
+                g.keys[i][:, :, w:end] = key_states  # cast to the cache's dtype when the forward's differs
                 g.values[i][:, :, w:end] = value_states
                 self.keys, self.values = g.keys[i][:, :, :end], g.values[i][:, :, :end]
+                if key_states.dtype != self.keys.dtype:  # a split policy's long forward: attend in its dtype
+                    return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
                 return self.keys, self.values
 
             def get_seq_length(self) -> int:
