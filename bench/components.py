@@ -1,8 +1,8 @@
 """Component timings and the ideal bound: what R2R would cost with zero service overhead.
 
 Timed in-process with plain transformers forwards (same device and dtypes as the services, each forward in
-the dtype a split policy's worker would pick for its length), after the services are stopped so nothing
-competes:
+the dtype a split policy's worker would pick for its length, float32 CPU linears prepacked as the workers
+hold them), after the services are stopped so nothing competes:
 - SLM prefill of n prompt tokens, and one SLM decode step over a realistic cache;
 - LLM forward of k new tokens over a cache (the catch-up when a token is routed; k = 1 is a decode step;
   a first catch-up covers the whole prompt too);
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r2r_serve.common.dtypes import DEFAULT_PREFILL_FROM_TOKENS, parse_dtype_policy
+from r2r_serve.common.dtypes import PREPACKED_PREFILL_FROM_TOKENS, parse_dtype_policy
 from r2r_serve.common.tensors import parse_dtype
+from r2r_serve.worker.prepack import prepack_available, prepack_linears
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -109,7 +110,7 @@ def forward_costs(model, lengths, context: int, device: torch.device, repeats: i
 
 def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dtype: str, strategy=None,
             context: int = 256, max_prefill: int = 512, repeats: int = 5,
-            prefill_from_tokens: int = DEFAULT_PREFILL_FROM_TOKENS, say=print) -> Components:
+            prefill_from_tokens: int = PREPACKED_PREFILL_FROM_TOKENS, say=print) -> Components:
     """`slm_dtype`/`llm_dtype`: the workers' dtype policies; a forward of k tokens is timed in the dtype the
     worker runs it in (DECODE below `prefill_from_tokens`, PREFILL from it on)."""
     from transformers import AutoModelForCausalLM
@@ -122,6 +123,8 @@ def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dt
         tables = [CostTable() for _ in plan]
         for dtype in dict.fromkeys((policy.decode, policy.prefill)):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype)).to(dev).eval()
+            if dev.type == "cpu" and prepack_available():
+                prepack_linears(model)  # as the workers do (float32 layers only)
             for table, (ks, ctx) in zip(tables, plan):
                 mine = [k for k in ks if (policy.prefill if k >= prefill_from_tokens else policy.decode) == dtype]
                 if mine:

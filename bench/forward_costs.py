@@ -12,6 +12,7 @@ drift hits them alike; the table shows medians of --repeats.
 
 Variants:
   fp32, bf16     plain weights in that dtype
+  fp32-packed    fp32 with every linear on oneDNN prepacked weights (worker/prepack.py, the workers' CPU default)
   int8           torch.ao dynamic int8 quantization of every nn.Linear (lm_head included), per-tensor weight
                  scales, on the fp32 model (activations quantized on the fly, fp32 everywhere else)
   int8-nohead    the same, lm_head left in fp32
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` imp
 from bench.machine import machine_description  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
-ALL_VARIANTS = ["fp32", "bf16", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix", "int8-bf16",
+ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix", "int8-bf16",
                 "phase"]
 KS = [1, 2, 4, 8, 16, 32]
 
@@ -204,6 +205,12 @@ def build_variants(path: str, names: list[str]) -> tuple[dict[str, Variant], dic
                 variants[name] = Variant(name, fp32, "fp32 weights", module_bytes(fp32))
             elif name == "bf16":
                 variants[name] = Variant(name, bf16, "bf16 weights", module_bytes(bf16))
+            elif name == "fp32-packed":
+                from r2r_serve.worker.prepack import prepack_linears
+
+                m = shallow_copy(fp32)
+                prepack_linears(m)
+                variants[name] = Variant(name, m, "fp32, prepacked linears", module_bytes(fp32))
             elif name in ("int8", "int8-nohead", "int8pc", "int8pc-nodown"):
                 m = shallow_copy(fp32)
                 per_channel = name.startswith("int8pc")

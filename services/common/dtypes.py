@@ -9,6 +9,7 @@ runs each forward in the cheaper one: `DECODE/PREFILL`, e.g. "bfloat16/float32" 
 than `prefill_from_tokens` token rows (decode steps, short catch-ups) in bf16, longer ones (prompt
 prefills, long catch-ups, wide decode batches) in fp32. The KV cache is kept in the decode dtype (the
 dtype of most forwards, and half the memory); a forward in the other dtype reads a cast copy of it.
+With the fp32 copy on prepacked weights (worker/prepack.py, the CPU default) fp32 wins from 2 rows on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 
 from r2r_serve.common.tensors import DTYPES_BY_NAME
 
-DEFAULT_PREFILL_FROM_TOKENS = 6  # this kind of CPU: bf16 wins at k <= 4 rows, fp32 from k = 8 (both models)
+# Where PREFILL starts to win on an AVX2 CPU (both default models, bench/forward_costs.py): dense fp32 from
+# 8 rows (bf16 wins at 4), prepacked fp32 from 2 rows (1.5B: 273 vs 303 ms at 2 rows; bf16 180 vs 248 at 1).
+DENSE_PREFILL_FROM_TOKENS = 6
+PREPACKED_PREFILL_FROM_TOKENS = 2
 
 
 @dataclass(frozen=True)
