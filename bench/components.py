@@ -97,10 +97,10 @@ def forward_costs(model, lengths, context: int, device: torch.device, repeats: i
         new = torch.randint(0, vocab, (1, k), generator=gen).to(device)
         cache = DynamicCache()
         if context:
-            model(past_ids, past_key_values=cache, use_cache=True)
+            model(past_ids, cache=cache, use_cache=True)
 
         def step():
-            model(new, past_key_values=cache, use_cache=True,
+            model(new, cache=cache, use_cache=True,
                   position_ids=torch.arange(context, context + k, device=device)[None])
             cache.crop(-k)  # drop the k new tokens: the same cache length for the next repeat
 

@@ -99,13 +99,24 @@ class WorkerReplica:
         self.reported_load = load.active_sessions + load.inflight_items
         self.placed_since_poll = 0
 
-    async def release(self, session_ids: list[str]) -> None:
-        if self.closed:
-            return
-        try:
-            await self.stub.Release(worker_pb2.ReleaseRequest(session_ids=session_ids), timeout=5.0)
-        except grpc.aio.AioRpcError as exc:  # the replica is gone; so is the KV
-            log.warning("release_failed", replica=self.endpoint, error=exc.details())
+    async def release(self, session_ids: list[str], attempts: int = 4, timeout_s: float = 5.0) -> None:
+        """Free the sessions' KV here. A release that times out or finds the replica unreachable is tried
+        again (with backoff): given up, it would leave KV that only LRU eviction ever frees."""
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            if self.closed:
+                return
+            try:
+                await self.stub.Release(worker_pb2.ReleaseRequest(session_ids=session_ids), timeout=timeout_s)
+                return
+            except grpc.aio.AioRpcError as exc:
+                retryable = exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+                if not retryable or attempt == attempts:  # a replica that is gone took the KV with it
+                    log.warning("release_failed", replica=self.endpoint, error=exc.details(), attempts=attempt)
+                    return
+                log.info("release_retry", replica=self.endpoint, error=exc.details(), attempt=attempt)
+            await asyncio.sleep(delay)
+            delay *= 2
 
     async def close(self) -> None:
         self.closed = True

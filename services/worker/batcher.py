@@ -10,7 +10,10 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from r2r_serve.common import metrics
+from r2r_serve.common.logging import get_logger
 from r2r_serve.worker.engine import ExtendOutcome, ExtendWork, ModelEngine
+
+log = get_logger(__name__)
 
 
 class EngineBatcher:
@@ -46,6 +49,16 @@ class EngineBatcher:
     async def call(self, fn, *args):
         """Run fn on the engine thread, after the forward in progress."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def call_soon(self, fn, *args) -> None:
+        """Queue fn for the engine thread without waiting for it (its errors are logged, not raised)."""
+        def done(fut):
+            if not fut.cancelled() and fut.exception() is not None:
+                log.error("engine_call_failed", call=getattr(fn, "__name__", str(fn)), error=str(fut.exception()))
+        try:
+            self.executor.submit(fn, *args).add_done_callback(done)
+        except RuntimeError:  # the executor is shut down: the worker is stopping, its KV goes with it
+            pass
 
     async def _run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ are computed for the whole batch in batched ops and read back to the host once.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -137,7 +138,10 @@ class ModelEngine:
         self._groups: list[DecodeGroup] = []  # decode batches whose KV lives batch-major (fast_paths)
         # Released session ids, newest last: an extend that was already on its way when its session was
         # released (a request cancelled mid-step) must not bring the session back as a KV nobody frees.
+        # Written under the lock by any thread (mark_released); the engine thread frees their KV.
         self._released: OrderedDict[str, None] = OrderedDict()
+        self._to_free: list[str] = []
+        self._release_lock = threading.Lock()
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -237,16 +241,34 @@ class ModelEngine:
                     max_total_tokens=self.kv.max_total_tokens, features_top_k=self.config.features_top_k,
                     eos_token_ids=self.eos_token_ids, features_dtype=self.config.features_dtype)
 
-    def release(self, session_ids) -> int:
-        for sid in session_ids:
-            self._released[sid] = None
-            self._released.move_to_end(sid)
-        while len(self._released) > RELEASED_MEMORY:
-            self._released.popitem(last=False)
-        released = self.kv.release(session_ids)
+    def mark_released(self, session_ids) -> int:
+        """From any thread, at once (never behind a forward): the sessions are refused from now on and their
+        KV is freed at the engine thread's next turn (free_released, also run first by every extend).
+        Returns how many of them hold KV here now."""
+        with self._release_lock:
+            for sid in session_ids:
+                self._released[sid] = None
+                self._released.move_to_end(sid)
+            while len(self._released) > RELEASED_MEMORY:
+                self._released.popitem(last=False)
+            self._to_free.extend(session_ids)
+        return sum(sid in self.kv for sid in session_ids)
+
+    def free_released(self) -> int:
+        """Engine thread: free the KV of every session marked released so far; returns how many held some."""
+        with self._release_lock:
+            ids, self._to_free = self._to_free, []
+        if not ids:
+            return 0
+        released = self.kv.release(ids)
         self._prune_groups()
         self._metrics.update_kv(self.kv)
         return released
+
+    def release(self, session_ids) -> int:
+        """Engine thread: mark and free now."""
+        self.mark_released(session_ids)
+        return self.free_released()
 
     # ---- the hot path --------------------------------------------------------------------------
     def _mark(self, phase: str | None) -> None:
@@ -262,6 +284,7 @@ class ModelEngine:
 
     @torch.inference_mode()
     def extend(self, works: list[ExtendWork]) -> list[ExtendOutcome]:
+        self.free_released()  # releases that arrived during the last forward: their room is needed now
         outcomes: dict[int, ExtendOutcome] = {}
         runnable: list[int] = []
         seen: set[str] = set()

@@ -99,7 +99,11 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                 task.cancel()
 
     async def Release(self, request, context):
-        released = await self.batcher.call(self.engine.release, list(request.session_ids))
+        # Answered at once: waiting on the engine thread would put a release behind every queued forward (a
+        # long one outlasted the coordinator's deadline and leaked the session's KV). The sessions are refused
+        # from now on; their KV is freed after the forward in progress.
+        released = self.engine.mark_released(list(request.session_ids))
+        self.batcher.call_soon(self.engine.free_released)
         return worker_pb2.ReleaseResponse(released=released)
 
     async def GetInfo(self, request, context):
