@@ -140,7 +140,7 @@ def report(out: dict, out_dir: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_pair_args(p, "float32")
+    add_pair_args(p, "auto")  # as r2r serve: each worker resolves auto for its machine
     p.add_argument("--router-strategy", default="auto")
     p.add_argument("--router-checkpoint")
     p.add_argument("--threshold", type=float, default=None, help="R2R threshold (default: the router's)")

@@ -43,6 +43,8 @@ LLM_CATCHUP_TOKENS = Histogram("r2r_llm_catchup_tokens", "Tokens the LLM consume
                                buckets=_TOKENS)
 POOL_QUEUE_DEPTH = Gauge("r2r_pool_queue_depth", "Items waiting for the next batch, per pool", ["pool"])
 POOL_BATCH_SIZE = Histogram("r2r_pool_batch_size", "Items per batch sent to a pool", ["pool"], buckets=_BATCH)
+POOL_COALESCE_TIMEOUTS = Counter("r2r_pool_coalesce_timeouts", "Batches cut after waiting the whole coalesce "
+                                 "window for a caller of the last batch that did not come back", ["pool"])
 POOL_REPLICA_SESSIONS = Gauge("r2r_pool_replica_sessions", "Sessions placed on each replica", ["pool", "replica"])
 POOL_REPLICAS = Gauge("r2r_pool_replicas", "Reachable replicas per pool", ["pool"])
 ROUTER_FALLBACKS = Counter("r2r_router_fallbacks", "Steps decided without the router (router unavailable)",

@@ -41,11 +41,12 @@ class StreamBatcher(Generic[Item, Result]):
         self._split_response = split_response
         self.max_batch = max_batch
         self.coalesce_s = coalesce_s
-        self._released = 0  # callers of the last delivered batch that have not submitted again yet
+        self._awaited: set = set()  # keys of the last delivered batch's callers that have not come back yet
+        self.coalesce_timeouts = 0  # batches cut because an awaited caller did not come back in coalesce_s
         self._arrival = asyncio.Event()
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._queue: list[tuple[Item, asyncio.Future]] = []
-        self._inflight: list[tuple[Item, asyncio.Future]] = []
+        self._queue: list[tuple[Item, asyncio.Future, object]] = []  # (item, caller's future, caller's key)
+        self._inflight: list[tuple[Item, asyncio.Future, object]] = []
         self._wakeup = asyncio.Event()
         self._ids = itertools.count(1)
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -56,6 +57,7 @@ class StreamBatcher(Generic[Item, Result]):
         self.healthy = True
         self._depth_gauge = metrics.POOL_QUEUE_DEPTH.labels(pool or name)
         self._batch_hist = metrics.POOL_BATCH_SIZE.labels(pool or name)
+        self._coalesce_timeouts = metrics.POOL_COALESCE_TIMEOUTS.labels(pool or name)
 
     @property
     def queue_depth(self) -> int:
@@ -75,26 +77,29 @@ class StreamBatcher(Generic[Item, Result]):
         if self._call is not None:
             self._call.cancel()
         # Callers of the batch in flight and of queued items must not wait forever: they move elsewhere.
-        for _, fut in stranded + self._queue:
+        for _, fut, _ in stranded + self._queue:
             if not fut.done():
                 fut.set_exception(PeerUnavailable(f"{self.name}: closed"))
         self._depth_gauge.dec(len(self._queue))
         self._inflight, self._queue = [], []
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, key=None) -> Result:
+        """`key` names the caller (a session id): a caller of the last batch is waited for (briefly) before
+        the next batch is cut, until it submits again or `leave`s. Callers without a key are never waited for."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
+        self._queue.append((item, fut, key))
         self._depth_gauge.inc()
-        self._released = max(0, self._released - 1)
+        self._awaited.discard(key)
         self._arrival.set()
         self._wakeup.set()
         return await fut
 
-    def leave(self) -> None:
-        """A caller of the last batch will not submit again soon (its session finished, or went to the LLM):
-        the next batch need not wait for it."""
-        self._released = max(0, self._released - 1)
-        self._arrival.set()
+    def leave(self, key) -> None:
+        """Caller `key` will not submit again soon (its session finished, or went to another pool): the next
+        batch need not wait for it. A no-op for a caller the batcher is not waiting for."""
+        if key in self._awaited:
+            self._awaited.discard(key)
+            self._arrival.set()
 
     async def _run(self) -> None:
         while True:
@@ -105,23 +110,23 @@ class StreamBatcher(Generic[Item, Result]):
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
                 self._depth_gauge.dec(len(batch))
                 # Callers that went away (cancelled) need no answer.
-                batch = [(item, fut) for item, fut in batch if not fut.done()]
+                batch = [entry for entry in batch if not entry[1].done()]
                 if not batch:
                     continue
                 self._inflight = batch
                 try:
-                    results = await self._send([item for item, _ in batch])
+                    results = await self._send([item for item, _, _ in batch])
                 except Exception as exc:
-                    for _, fut in batch:
+                    for _, fut, _ in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
                 finally:
                     self._inflight = []
-                for (_, fut), result in zip(batch, results):
+                for (_, fut, _), result in zip(batch, results):
                     if not fut.done():
                         fut.set_result(result)
-                self._released = len(batch)
+                self._awaited = {key for _, _, key in batch if key is not None}
 
     async def _coalesce(self) -> None:
         """Before cutting a batch, wait (at most `coalesce_s`) for the callers of the last batch to come back.
@@ -131,21 +136,27 @@ class StreamBatcher(Generic[Item, Result]):
         splits them into phase groups that alternate on the peer for the rest of their answers (measured:
         8 sessions ran as 2-3 sequential forwards per step). Waiting for the released callers merges the
         groups again: the group that queued while the last batch ran joins the callers coming back. Callers
-        that will not come back soon say so (`leave`); one that vanishes silently costs `coalesce_s` once."""
+        that will not come back soon say so (`leave`); one that vanishes silently costs `coalesce_s` once
+        (counted in `coalesce_timeouts`)."""
         if self.coalesce_s <= 0:
+            self._awaited.clear()
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.coalesce_s
-        while self._released > 0 and len(self._queue) < self.max_batch:
+        while self._awaited and len(self._queue) < self.max_batch:
             left = deadline - loop.time()
             if left <= 0:
+                self.coalesce_timeouts += 1
+                self._coalesce_timeouts.inc()
                 break
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), left)
             except TimeoutError:
+                self.coalesce_timeouts += 1
+                self._coalesce_timeouts.inc()
                 break
-        self._released = 0
+        self._awaited.clear()
 
     async def _send(self, items: list[Item]) -> list[Result]:
         batch_id = next(self._ids)

@@ -241,7 +241,7 @@ class WorkerPool:
             replica.add_session(session_id)
             item = ExtendItemRequest(session_id, placement.cursor, history[placement.cursor:], sampling, want_features)
             try:
-                result = await replica.batcher.submit(item)
+                result = await replica.batcher.submit(item, key=session_id)
             except PeerUnavailable:
                 # Move the session to another replica if there is one: it costs a re-prefill only.
                 replica.drop_session(session_id)
@@ -261,10 +261,10 @@ class WorkerPool:
                                over_capacity=result.status == worker_pb2.EXTEND_OVER_CAPACITY)
         raise ExtendFailed(f"{self.role} worker kept asking for resync of session {session_id}")
 
-    def leaving(self, placement: Placement) -> None:
+    def leaving(self, session_id: str, placement: Placement) -> None:
         """The session will not step on this pool for a while: its replica's next batch need not wait for it."""
         if placement.replica is not None:
-            placement.replica.batcher.leave()
+            placement.replica.batcher.leave(session_id)
 
     async def release(self, session_id: str, placement: Placement) -> None:
         replica = placement.replica
@@ -301,14 +301,18 @@ class RouterClient:
         self.batcher.start()
         return self.info
 
-    async def score(self, features: common_pb2.RouterFeatures) -> float:
+    async def score(self, features: common_pb2.RouterFeatures, session_id: str | None = None) -> float:
         if time.monotonic() < self.down_until:
             raise PeerUnavailable(f"router {self.endpoint} is down")
         try:
-            return await self.batcher.submit(features)
+            return await self.batcher.submit(features, key=session_id)
         except PeerUnavailable:
             self.down_until = time.monotonic() + self.retry_after_s
             raise
+
+    def leaving(self, session_id: str) -> None:
+        """The session will not be scored again soon: the next scoring batch need not wait for it."""
+        self.batcher.leave(session_id)
 
     async def close(self) -> None:
         await self.batcher.close()

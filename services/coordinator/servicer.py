@@ -215,7 +215,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("request_cancelled", completion_tokens=count)
             raise
         finally:
-            self.slm.leaving(session.slm)
+            # Done: no batcher should wait for this session's next step.
+            self.slm.leaving(session.session_id, session.slm)
+            self.router.leaving(session.session_id)
+            self.llm.leaving(session.session_id, session.llm)
             self._release_later(session)
 
     def _release_later(self, session: Session) -> None:

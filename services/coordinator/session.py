@@ -50,13 +50,15 @@ class Session:
 
 async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: WorkerPool,
                    router_fallback: str = "llm") -> StepResult:
+    """One token. Between steps a session tells each pool's batcher it will not be back soon (`leaving`), so
+    the batch forming there is cut without waiting for it."""
     p = -1.0
     if not s.routes_always:
         proposal = await slm.extend(s.session_id, s.slm, s.history, s.sampling, want_features=not s.routes_never)
         if s.routes_never:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
         try:
-            p = await router.score(proposal.features)
+            p = await router.score(proposal.features, s.session_id)
             metrics.ROUTER_PROBABILITY.observe(p)
             to_llm = p >= s.threshold
         except PeerUnavailable:
@@ -66,7 +68,11 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
             to_llm = router_fallback == "llm"
         if not to_llm:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
-        slm.leaving(s.slm)  # the LLM step takes a while: the SLM's next batch need not wait for this session
+        # The LLM step takes a while: the SLM's and the router's next batches need not wait for this session.
+        slm.leaving(s.session_id, s.slm)
+        router.leaving(s.session_id)
     metrics.LLM_CATCHUP_TOKENS.observe(len(s.history) - (s.llm.cursor if s.llm.replica else 0))
     answer = await llm.extend(s.session_id, s.llm, s.history, s.sampling, want_features=False)
+    if not s.routes_always:
+        llm.leaving(s.session_id, s.llm)  # its next step starts on the SLM: the LLM's next batch goes without it
     return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p)

@@ -181,9 +181,8 @@ class ModelEngine:
         params = sum(p.numel() for p in self.model.parameters())
         self.prepacked = 0  # linear layers on prepacked weights, over both copies
         if cfg.prepack and cfg.quantize == "none" and self.device.type == "cpu" and prepack_available():
-            for copy in {id(m): m for m in (self.model, prefill_model) if m is not None}.values():
-                self.prepacked += prepack_linears(copy)
-        packed_prefill = prefill_model is not None and self.prepacked and prefill_dtype == torch.float32
+            self.prepacked = sum(prepack_linears(m) for m in (self.model, prefill_model) if m is not None)
+        packed_prefill = prefill_model is not None and self.prepacked > 0 and prefill_dtype == torch.float32
         self.prefill_from = cfg.prefill_from_tokens or (PREPACKED_PREFILL_FROM_TOKENS if packed_prefill
                                                         else DENSE_PREFILL_FROM_TOKENS)
         if cfg.quantize == "int8":
