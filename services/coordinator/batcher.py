@@ -141,21 +141,15 @@ class StreamBatcher(Generic[Item, Result]):
         if self.coalesce_s <= 0:
             self._awaited.clear()
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.coalesce_s
-        while self._awaited and len(self._queue) < self.max_batch:
-            left = deadline - loop.time()
-            if left <= 0:
-                self.coalesce_timeouts += 1
-                self._coalesce_timeouts.inc()
-                break
-            self._arrival.clear()
-            try:
-                await asyncio.wait_for(self._arrival.wait(), left)
-            except TimeoutError:
-                self.coalesce_timeouts += 1
-                self._coalesce_timeouts.inc()
-                break
+        try:
+            # One window for the whole wait: arrivals that do not complete the batch do not extend it.
+            async with asyncio.timeout(self.coalesce_s):
+                while self._awaited and len(self._queue) < self.max_batch:
+                    self._arrival.clear()
+                    await self._arrival.wait()
+        except TimeoutError:
+            self.coalesce_timeouts += 1
+            self._coalesce_timeouts.inc()
         self._awaited.clear()
 
     async def _send(self, items: list[Item]) -> list[Result]:
