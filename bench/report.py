@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 COLORS = {"slm": "#4c78a8", "llm": "#e45756", "r2r": "#54a24b", "r2r-entropy": "#f58518", "r2r-random": "#9d9d9d",
-          "assisted": "#b279a2"}
+          "assisted": "#b279a2", "r2r-prefetch": "#2a7f3a"}
 
 
 def _fmt(x, spec=".2f", none="–"):
@@ -69,6 +69,8 @@ def write(summary: dict, out_dir: Path, console: Console) -> None:
 
 
 def _family(name: str) -> str:
+    if name.endswith("-prefetch"):  # eager LLM catch-up, whichever router it runs with
+        return "r2r-prefetch"
     return name if name in COLORS else "r2r"
 
 

@@ -78,8 +78,10 @@ class Services:
 
 
 def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype: str, strategies: dict[str, str | None],
-                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, say=print) -> Services:
-    """Workers once, then a router + coordinator per strategy ({name: checkpoint or None})."""
+                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, prefetch_min_tokens: int = 0,
+                   say=print) -> Services:
+    """Workers once, then a router + coordinator per strategy ({name: checkpoint or None}); with
+    `prefetch_min_tokens`, one more for the first strategy with eager LLM catch-up ("<name>+prefetch")."""
     from r2r_serve.launcher import LocalCluster, start_deployment, start_router_and_coordinator
 
     cluster = LocalCluster(log_dir)
@@ -95,6 +97,10 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
         _, services.coordinators[name] = start_router_and_coordinator(
             cluster, d.slm, d.llm, router_strategy=name, router_checkpoint=strategies[name],
             coordinator_args=limit, suffix=f"-{name}")
+    if prefetch_min_tokens > 0:
+        _, services.coordinators[f"{first}+prefetch"] = start_router_and_coordinator(
+            cluster, d.slm, d.llm, router_strategy=first, router_checkpoint=strategies[first],
+            coordinator_args=[*limit, "--llm-prefetch-min-tokens", str(prefetch_min_tokens)], suffix="-prefetch")
     return services
 
 

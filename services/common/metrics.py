@@ -41,6 +41,7 @@ ROUTER_PROBABILITY = Histogram("r2r_router_probability", "P(divergent) the route
                                buckets=tuple(i / 20 for i in range(1, 21)))
 LLM_CATCHUP_TOKENS = Histogram("r2r_llm_catchup_tokens", "Tokens the LLM consumed per routed token",
                                buckets=_TOKENS)
+LLM_PREFETCH_TOKENS = Counter("r2r_llm_prefetch_tokens", "Tokens the LLM caught up eagerly while idle (prefetch)")
 POOL_QUEUE_DEPTH = Gauge("r2r_pool_queue_depth", "Items waiting for the next batch, per pool", ["pool"])
 POOL_BATCH_SIZE = Histogram("r2r_pool_batch_size", "Items per batch sent to a pool", ["pool"], buckets=_BATCH)
 POOL_COALESCE_TIMEOUTS = Counter("r2r_pool_coalesce_timeouts", "Batches cut after waiting the whole coalesce "

@@ -45,6 +45,10 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-fallback", choices=["llm", "slm", "fail"], default="llm",
                    help="when the router is unreachable: route to the LLM (keep quality), keep the SLM's "
                         "token (keep speed) or fail the request")
+    p.add_argument("--llm-prefetch-min-tokens", type=int, default=0, metavar="N",
+                   help="eager LLM catch-up: while an LLM replica is idle, catch up sessions that lag by >= N "
+                        "tokens (their prompts first), so a routed token costs a short extend; 0 = off "
+                        "(coordinator/prefetch.py)")
     p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
@@ -61,6 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                                default_max_tokens=args.default_max_tokens, default_threshold=args.threshold,
                                router_fallback=args.router_fallback,
+                               llm_prefetch_min_tokens=args.llm_prefetch_min_tokens,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
 
 

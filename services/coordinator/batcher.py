@@ -63,6 +63,11 @@ class StreamBatcher(Generic[Item, Result]):
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """No batch queued or in flight: a forward sent now runs at once."""
+        return not self._queue and not self._inflight
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 

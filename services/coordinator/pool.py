@@ -233,15 +233,17 @@ class WorkerPool:
         return placement.replica
 
     async def extend(self, session_id: str, placement: Placement, history: list[int],
-                     sampling: common_pb2.SamplingParams, want_features: bool) -> worker_pb2.ExtendResult:
+                     sampling: common_pb2.SamplingParams, want_features: bool,
+                     coalesce: bool = True) -> worker_pb2.ExtendResult:
         """Bring the session's replica up to `history` and return its next-token result. Resyncs (a
-        restarted or evicting worker) are repaired by re-sending history from what the worker holds."""
+        restarted or evicting worker) are repaired by re-sending history from what the worker holds.
+        coalesce=False: the replica's next batch need not wait for this session (a one-off background call)."""
         for _ in range(8):
             replica = self.place(placement)
             replica.add_session(session_id)
             item = ExtendItemRequest(session_id, placement.cursor, history[placement.cursor:], sampling, want_features)
             try:
-                result = await replica.batcher.submit(item, key=session_id)
+                result = await replica.batcher.submit(item, key=session_id if coalesce else None)
             except PeerUnavailable:
                 # Move the session to another replica if there is one: it costs a re-prefill only.
                 replica.drop_session(session_id)

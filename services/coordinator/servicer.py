@@ -17,6 +17,7 @@ from r2r_serve.common.logging import get_logger
 from r2r_serve.coordinator.batcher import BatchRejected, PeerUnavailable
 from r2r_serve.coordinator.detokenizer import StreamingDetokenizer
 from r2r_serve.coordinator.pool import ExtendFailed, RouterClient, WorkerPool
+from r2r_serve.coordinator.prefetch import LlmPrefetcher
 from r2r_serve.coordinator.requests import ChatOptions, Limits, check_rest, max_new_tokens, prompt_ids
 from r2r_serve.coordinator.session import Session, r2r_step
 from r2r_serve.coordinator.shares import threshold_for_share
@@ -34,6 +35,7 @@ class CoordinatorSettings:
     default_max_tokens: int = 256
     default_threshold: float | None = None  # None = the router's own default
     router_fallback: str = "llm"            # when the router is unreachable: llm | slm | fail
+    llm_prefetch_min_tokens: int = 0        # eager LLM catch-up of lags >= this while the LLM is idle; 0 = off
     chat: ChatOptions = field(default_factory=ChatOptions)
 
 
@@ -49,6 +51,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.settings = settings
         self.tokenizer = tokenizer
         self.slm, self.llm, self.router = slm, llm, router
+        self.prefetcher = LlmPrefetcher(llm, settings.llm_prefetch_min_tokens)
         self.eos_token_ids = eos_token_ids
         self.limits = Limits(max_prompt_tokens=settings.max_prompt_tokens, max_new_tokens=settings.max_new_tokens,
                              default_max_tokens=settings.default_max_tokens,
@@ -172,6 +175,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         deadline = loop.time() + req.timeout_ms / 1000 if req.timeout_ms else None
         try:
             while count < budget:
+                self.prefetcher.poke(session)  # first the prompt, while the SLM prefills it too
                 # The deadline bounds each step, never a `yield`: a timeout that fired while the consumer
                 # holds the generator would cancel gRPC's own write instead of this loop.
                 async with asyncio.timeout_at(deadline):
@@ -215,7 +219,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("request_cancelled", completion_tokens=count)
             raise
         finally:
-            # Done: no batcher should wait for this session's next step.
+            # Done: no batcher should wait for this session's next step, nor run its eager catch-up.
+            self.prefetcher.cancel(session)
             self.slm.leaving(session.session_id, session.slm)
             self.router.leaving(session.session_id)
             self.llm.leaving(session.session_id, session.llm)

@@ -13,6 +13,7 @@ coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from r2r_serve.common import metrics
@@ -38,6 +39,7 @@ class Session:
     threshold: float
     slm: Placement = field(default_factory=Placement)
     llm: Placement = field(default_factory=Placement)
+    llm_prefetch: asyncio.Task | None = None  # an eager LLM catch-up in flight (prefetch.py)
 
     @property
     def routes_never(self) -> bool:
@@ -46,6 +48,13 @@ class Session:
     @property
     def routes_always(self) -> bool:
         return self.threshold <= 0.0
+
+    async def settle_prefetch(self) -> None:
+        """Wait for an eager catch-up in flight, so the LLM cursor is current before the LLM is called again.
+        Shielded: a step cancelled meanwhile must not cut a forward that other sessions share."""
+        task, self.llm_prefetch = self.llm_prefetch, None
+        if task is not None and not task.done():
+            await asyncio.shield(task)
 
 
 async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: WorkerPool,
@@ -71,6 +80,7 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
         # The LLM step takes a while: the SLM's and the router's next batches need not wait for this session.
         slm.leaving(s.session_id, s.slm)
         router.leaving(s.session_id)
+    await s.settle_prefetch()
     metrics.LLM_CATCHUP_TOKENS.observe(len(s.history) - (s.llm.cursor if s.llm.replica else 0))
     answer = await llm.extend(s.session_id, s.llm, s.history, s.sampling, want_features=False)
     if not s.routes_always:
