@@ -64,6 +64,8 @@ def test_serve_plan_follows_a_pair_file_and_flags_override_it(tmp_path, tiny_pai
     plan = serve_plan(build_parser().parse_args(["serve", "--pair", str(path), "--llm-dtype", "float64",
                                                  "--router-strategy", "top1", "--threshold", "0.5"]))
     assert plan.llm_dtype == "float64" and plan.router_strategy == "top1" and plan.threshold == 0.5
+    plan = serve_plan(build_parser().parse_args(["serve", "--pair", str(path), "--llm-prefetch-min-tokens", "16"]))
+    assert plan.coordinator_args[:2] == ["--llm-prefetch-min-tokens", "16"]
 
 
 def test_the_pairs_router_is_used_only_with_the_pairs_own_slm(tmp_path, tiny_pair):
