@@ -7,7 +7,8 @@ and the session lags by at least `min_tokens` (all but its last token; a routed 
 gets its answer from it): at session start (the prompt, batched with the other new
 sessions) and after any step. The routed token then costs a short extend. The prefetch is an ordinary
 extend whose next-token answer is thrown away, so KV is still written only for fed tokens and outputs are
-unchanged (sampling is keyed by position). Only sessions that may route prefetch: SLM-only sessions never
+unchanged (sampling is keyed by position) — up to rounding: in bf16 a catch-up split into two forwards can
+round differently from one, as a different batch can, and flip a near-tie. Only sessions that may route prefetch: SLM-only sessions never
 need the LLM, LLM-only ones call it every step anyway.
 
 On a GPU the idle LLM's forward is nearly free. On a CPU whose cores the SLM shares, it is not: measure
@@ -20,6 +21,7 @@ import asyncio
 
 from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
+from r2r_serve.coordinator.batcher import PeerUnavailable
 from r2r_serve.coordinator.pool import WorkerPool
 from r2r_serve.coordinator.session import Session
 from r2r_serve.proto import common_pb2
@@ -50,7 +52,7 @@ class LlmPrefetcher:
             return
         try:
             replica = self.llm.place(s.llm)
-        except Exception:  # no LLM replica now: the routed step will find out and report it
+        except PeerUnavailable:  # no LLM replica now: the routed step will find out and report it
             return
         if not replica.batcher.idle:
             return
@@ -62,8 +64,6 @@ class LlmPrefetcher:
             await self.llm.extend(s.session_id, s.llm, s.history[:-1], _GREEDY, want_features=False,
                                   coalesce=False)
             metrics.LLM_PREFETCH_TOKENS.inc(lag)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # harmless: the routed step's own extend repairs or reports it
             log.info("llm_prefetch_failed", session_id=s.session_id, error=str(exc)[:200])
 
