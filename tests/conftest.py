@@ -10,8 +10,11 @@ CUDA code path with the same anchors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import types
+
+import grpc
 
 import pytest
 import pytest_asyncio
@@ -19,6 +22,7 @@ import torch
 
 from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.coordinator.servicer import CoordinatorSettings
+from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.router.app import start_router
 from r2r_serve.testing.tiny import build_tiny_pair
 from r2r_serve.worker.app import start_worker
@@ -56,6 +60,23 @@ def hf(tiny_pair):
 
 def worker_config(path, role: str, **kw) -> EngineConfig:
     return EngineConfig(model=str(path), role=role, dtype="float64", features_top_k=TOP_K, device=DEVICE, **kw)
+
+
+@contextlib.asynccontextmanager
+async def worker_with_stub(path, role: str):
+    """A fresh worker of its own (its session count and work are one test's alone) and a stub to it."""
+    handle = await start_worker(worker_config(path, role))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
+    try:
+        yield handle, worker_pb2_grpc.ModelWorkerStub(channel)
+    finally:
+        await channel.close()
+        await handle.stop(0.5)
+
+
+async def active_sessions(stub) -> int:
+    """Sessions the worker holds KV for."""
+    return (await stub.GetLoad(worker_pb2.GetLoadRequest())).active_sessions
 
 
 @pytest_asyncio.fixture(scope="session")

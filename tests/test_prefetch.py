@@ -1,7 +1,7 @@
 """Eager LLM catch-up (coordinator/prefetch.py): while the LLM is idle the coordinator brings sessions'
 LLM KV up to their history, so routed tokens need short extends. Outputs must not change, the catch-ups at
-routed steps must get shorter, and a session that ends (or is cancelled) with a prefetch queued or in
-flight must leave no KV behind.
+routed steps must get shorter, and a session that ends (or is cancelled) with a prefetch in flight must
+leave no KV behind.
 """
 
 from __future__ import annotations
@@ -9,17 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
-from conftest import TOP_K, wait_until, worker_config
+from conftest import TOP_K, active_sessions, wait_until, worker_with_stub
 from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.coordinator.servicer import CoordinatorSettings
-from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.router.strategies import EntropyStrategy
-from r2r_serve.worker.app import start_worker
 from reference import reference_r2r
 from test_anchors import PROMPTS, hf_generate, ids_of
 from test_dtype_policy import _threshold_between_scores
@@ -31,12 +28,8 @@ def _sample(name: str, **labels) -> float:
 
 @pytest_asyncio.fixture
 async def llm_worker(tiny_pair):
-    """A fresh LLM worker, so its session count and consumed tokens are this test's alone."""
-    handle = await start_worker(worker_config(tiny_pair["llm"], "llm"))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield handle, worker_pb2_grpc.ModelWorkerStub(channel)
-    await channel.close()
-    await handle.stop(0.5)
+    async with worker_with_stub(tiny_pair["llm"], "llm") as handle_and_stub:
+        yield handle_and_stub
 
 
 async def _coordinator(services, llm_handle, min_tokens: int):
@@ -47,7 +40,7 @@ async def _coordinator(services, llm_handle, min_tokens: int):
 
 async def _no_sessions_left(stub) -> None:
     async def empty():
-        return (await stub.GetLoad(worker_pb2.GetLoadRequest())).active_sessions == 0
+        return await active_sessions(stub) == 0
     await wait_until(empty, timeout_s=10.0)
 
 
@@ -92,6 +85,7 @@ async def test_a_session_that_never_routes_still_has_its_prompt_read_ahead(servi
 
     handle, stub = llm_worker
     coord = await _coordinator(services, handle, 4)
+
     def consumed() -> float:
         return _sample("r2r_worker_consumed_tokens_total", role="llm")
 

@@ -13,29 +13,21 @@ import time
 import grpc
 import pytest_asyncio
 
-from conftest import wait_until, worker_config
+from conftest import active_sessions, wait_until, worker_with_stub
 from r2r_serve.coordinator.pool import WorkerReplica
-from r2r_serve.proto import worker_pb2, worker_pb2_grpc
-from r2r_serve.worker.app import start_worker
+from r2r_serve.proto import worker_pb2
 
 
 @pytest_asyncio.fixture
 async def worker(tiny_pair):
-    handle = await start_worker(worker_config(tiny_pair["slm"], "slm"))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield handle, worker_pb2_grpc.ModelWorkerStub(channel)
-    await channel.close()
-    await handle.stop(0.5)
+    async with worker_with_stub(tiny_pair["slm"], "slm") as handle_and_stub:
+        yield handle_and_stub
 
 
 def _extend(session_id: str, position: int, tokens: list[int]) -> worker_pb2.ExtendRequest:
     req = worker_pb2.ExtendRequest(batch_id=1)
     req.items.add(session_id=session_id, position=position, tokens=tokens)
     return req
-
-
-async def _active(stub) -> int:
-    return (await stub.GetLoad(worker_pb2.GetLoadRequest())).active_sessions
 
 
 async def test_release_is_answered_during_a_long_forward(worker, monkeypatch):
@@ -61,11 +53,11 @@ async def test_release_is_answered_during_a_long_forward(worker, monkeypatch):
     monkeypatch.setattr(engine, "extend", plain)
 
     async def only_busy_left() -> bool:
-        return await _active(stub) == 1
+        return await active_sessions(stub) == 1
     await wait_until(only_busy_left, timeout_s=5)
     late = await stub.Extend(_extend("done", 3, [1]))  # a step that was still on its way: refused, not revived
     assert late.results[0].status == worker_pb2.EXTEND_INVALID and "released" in late.results[0].error
-    assert await _active(stub) == 1
+    assert await active_sessions(stub) == 1
 
 
 async def test_coordinator_retries_a_release_that_timed_out(worker):
@@ -96,5 +88,5 @@ async def test_coordinator_retries_a_release_that_timed_out(worker):
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OK]
 
     async def freed() -> bool:
-        return await _active(stub) == 0
+        return await active_sessions(stub) == 0
     await wait_until(freed, timeout_s=5)
