@@ -36,6 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from r2r_serve.common.dtypes import parse_dtype_policy
 from r2r_serve.common.tensors import parse_dtype
+from r2r_serve.worker.engine import quantize_model
 
 Mode = Literal["assisted", "llm", "slm"]
 MODES: tuple[Mode, ...] = ("assisted", "llm", "slm")
@@ -101,11 +102,14 @@ class StopStrings(StoppingCriteria):
 
 # ---- loading --------------------------------------------------------------------------------------
 def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", slm_dtype: str = "float32",
-              llm_dtype: str = "float32", threads: int = 0) -> Pair:
+              llm_dtype: str = "float32", threads: int = 0, slm_quantize: str = "none",
+              llm_quantize: str = "none") -> Pair:
     """Both models from local folders (never the hub), in eval mode, plus the LLM folder's tokenizer.
 
     HF generate runs each model in one dtype: for a split policy (DECODE/PREFILL, common/dtypes.py) the
-    drafting SLM takes DECODE (it writes token by token), the verifying LLM PREFILL (multi-token forwards)."""
+    drafting SLM takes DECODE (it writes token by token), the verifying LLM PREFILL (multi-token forwards).
+    `*_quantize`: the workers' --quantize, applied as a worker applies it (to its DECODE weights), so this
+    baseline runs the same weights as the services."""
     from transformers import AutoTokenizer
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -115,6 +119,9 @@ def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", s
     tokenizer = AutoTokenizer.from_pretrained(_local(llm_path), local_files_only=True)
     slm = _load_model(slm_path, slm_dtype if slm_dtype == "auto" else parse_dtype_policy(slm_dtype).decode, dev)
     llm = _load_model(llm_path, llm_dtype if llm_dtype == "auto" else parse_dtype_policy(llm_dtype).prefill, dev)
+    for model, spec, quantize in ((slm, slm_dtype, slm_quantize), (llm, llm_dtype, llm_quantize)):
+        if quantize != "none" and (spec == "auto" or model.dtype == parse_dtype(parse_dtype_policy(spec).decode)):
+            quantize_model(model, quantize)
     eos = _eos_ids(tokenizer, slm, llm)
     for model in (slm, llm):
         _plain_greedy_config(model, eos, tokenizer)

@@ -28,6 +28,7 @@ import torch
 
 from r2r_serve.common.dtypes import PREPACKED_PREFILL_FROM_TOKENS, parse_dtype_policy
 from r2r_serve.common.tensors import parse_dtype
+from r2r_serve.worker.engine import quantize_model
 from r2r_serve.worker.prepack import prepack_available, prepack_linears
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -109,21 +110,25 @@ def forward_costs(model, lengths, context: int, device: torch.device, repeats: i
 
 
 def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dtype: str, strategy=None,
+            slm_quantize: str = "none", llm_quantize: str = "none",
             context: int = 256, max_prefill: int = 512, repeats: int = 5,
             prefill_from_tokens: int = PREPACKED_PREFILL_FROM_TOKENS, say=print) -> Components:
     """`slm_dtype`/`llm_dtype`: the workers' dtype policies; a forward of k tokens is timed in the dtype the
-    worker runs it in (DECODE below `prefill_from_tokens`, PREFILL from it on)."""
+    worker runs it in (DECODE below `prefill_from_tokens`, PREFILL from it on); `*_quantize` is applied to the
+    DECODE weights, as the workers apply their --quantize."""
     from transformers import AutoModelForCausalLM
 
     dev = torch.device(device)
 
-    def timed(path: str, spec: str, plan: list[tuple[list[int], int]]) -> list[CostTable]:
+    def timed(path: str, spec: str, quantize: str, plan: list[tuple[list[int], int]]) -> list[CostTable]:
         """One CostTable per (lengths, context) in `plan`, each length in its policy's dtype."""
         policy = parse_dtype_policy(spec)
         tables = [CostTable() for _ in plan]
         for dtype in dict.fromkeys((policy.decode, policy.prefill)):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype)).to(dev).eval()
-            if dev.type == "cpu" and prepack_available():
+            if quantize != "none" and dtype == policy.decode:
+                quantize_model(model, quantize)
+            elif dev.type == "cpu" and prepack_available():
                 prepack_linears(model)  # as the workers do (float32 layers only)
             for table, (ks, ctx) in zip(tables, plan):
                 mine = [k for k in ks if (policy.prefill if k >= prefill_from_tokens else policy.decode) == dtype]
@@ -136,9 +141,10 @@ def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dt
 
     lengths = [k for k in LENGTHS if k <= max_prefill]
     say("timing the SLM ...")
-    slm_prefill, slm_step = timed(slm_path, slm_dtype, [([k for k in lengths if k >= 16], 0), ([1], context)])
+    slm_prefill, slm_step = timed(slm_path, slm_dtype, slm_quantize, [([k for k in lengths if k >= 16], 0),
+                                                                      ([1], context)])
     say("timing the LLM ...")
-    (llm_forward,) = timed(llm_path, llm_dtype, [(lengths, context)])
+    (llm_forward,) = timed(llm_path, llm_dtype, llm_quantize, [(lengths, context)])
     slm_prefill.ms, llm_forward.ms = dict(sorted(slm_prefill.ms.items())), dict(sorted(llm_forward.ms.items()))
     router_ms = _router_ms(strategy, repeats) if strategy is not None else 0.0
     return Components(slm_prefill, slm_step.ms[1], llm_forward, router_ms, context, repeats)

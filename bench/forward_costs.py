@@ -23,6 +23,8 @@ Variants:
                  casts), everything else fp32
   int8-bf16      the int8 linears inside the bf16 model (norms, attention, embeddings, KV cache in bf16;
                  activations cast to fp32 around each quantized linear, which takes fp32 only)
+  bf16-int8w     the workers' --quantize int8-weight on the bf16 model (worker/int8_weights.py): int8 weights,
+                 per-channel scales, for forwards of fewer than 8 token rows; the dense bf16 weights from 8 on
   phase          "dtype per phase": the bf16 model for k < --phase-crossover, the fp32 one from it on;
                  the KV cache is kept in fp32 and cast to bf16 for a bf16 forward (the cast is timed)
 Quality columns: top-1 agreement with fp32 and mean KL(fp32 || variant) of the next-token distributions at
@@ -54,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` imp
 from bench.machine import machine_description  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
-ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix", "int8-bf16",
-                "phase"]
+ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "bf16-int8w", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix",
+                "int8-bf16", "phase"]
 KS = [1, 2, 4, 8, 16, 32]
 
 # Code, as the default pair serves it; long enough for a 200-token past plus 32 new tokens.
@@ -152,9 +154,15 @@ class Variant:
 
 
 def module_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights the model's forward reads: float parameters plus packed int8 linear weights."""
+    """Bytes of weights a decode step reads: float parameters plus int8 linear weights (an int8-weight layer
+    reads its int8 copy, not its dense one)."""
+    from r2r_serve.worker.int8_weights import Int8WeightLinear
+
     total, seen = 0, set()
     for mod in model.modules():
+        if isinstance(mod, Int8WeightLinear):
+            seen.add(id(mod.weight))
+            total += sum(t.numel() * t.element_size() for t in (mod.qweight, mod.scales))
         for p in mod.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
@@ -195,7 +203,7 @@ def build_variants(path: str, names: list[str]) -> tuple[dict[str, Variant], dic
 
     variants = {}
     needs_fp32 = any(n != "bf16" for n in names)
-    needs_bf16 = any(n in ("bf16", "int8-bf16", "int8pc-mix", "phase") for n in names)
+    needs_bf16 = any(n in ("bf16", "bf16-int8w", "int8-bf16", "int8pc-mix", "phase") for n in names)
     fp32 = load("float32") if needs_fp32 else None
     bf16 = load("bfloat16") if needs_bf16 else None
     with warnings.catch_warnings():
@@ -205,6 +213,12 @@ def build_variants(path: str, names: list[str]) -> tuple[dict[str, Variant], dic
                 variants[name] = Variant(name, fp32, "fp32 weights", module_bytes(fp32))
             elif name == "bf16":
                 variants[name] = Variant(name, bf16, "bf16 weights", module_bytes(bf16))
+            elif name == "bf16-int8w":
+                from r2r_serve.worker.int8_weights import quantize_int8_weights
+
+                m = shallow_copy(bf16)
+                quantize_int8_weights(m)
+                variants[name] = Variant(name, m, "int8 weights below 8 rows, bf16 dense above", module_bytes(m))
             elif name == "fp32-packed":
                 from r2r_serve.worker.prepack import prepack_linears
 

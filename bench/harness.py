@@ -87,7 +87,8 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
     speed_requests = requests if args.quality_sessions == 1 else requests[: args.speed_problems]
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies=strategies, threads=args.threads, log_dir=args.log_dir,
-                                     prefetch_min_tokens=args.prefetch_min_tokens, say=console.print)
+                                     prefetch_min_tokens=args.prefetch_min_tokens, slm_quantize=args.slm_quantize,
+                                     llm_quantize=args.llm_quantize, say=console.print)
     out: dict = {"calibration": {}, "runs": [], "sweep": []}
     try:
         with new_progress() as progress:
@@ -136,7 +137,7 @@ def assisted_phase(args, slm: str, llm: str, problems) -> runner.RunResult | Non
     from bench import assisted
 
     pair = assisted.load_pair(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                              threads=args.threads)
+                              threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
     chosen = problems[: args.speed_problems]
     outcomes = []
     start = time.perf_counter()
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
 
     router = load_strategy("neural", checkpoint) if checkpoint else load_strategy("entropy")
     components = comp.measure(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                              strategy=router, context=args.component_context, max_prefill=args.component_max_tokens,
+                              slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, strategy=router,
+                              context=args.component_context, max_prefill=args.component_max_tokens,
                               repeats=args.component_repeats, say=console.print)
 
     runs = []
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
     summary = dict(machine=machine_description(args.device), device=args.device,
                    date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    model_pair=f"{Path(slm).name} + {Path(llm).name}", slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                   max_tokens=args.max_tokens, runs=runs,
+                   slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, max_tokens=args.max_tokens, runs=runs,
                    r2r_measured_over_ideal=statistics.median(r["measured_over_ideal"] for r in neural) if neural else None,
                    calibration=served["calibration"], components=components.to_json(),
                    command=" ".join(["python bench/harness.py", *(argv if argv is not None else sys.argv[1:])]),

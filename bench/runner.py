@@ -79,7 +79,7 @@ class Services:
 
 def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype: str, strategies: dict[str, str | None],
                    threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, prefetch_min_tokens: int = 0,
-                   say=print) -> Services:
+                   slm_quantize: str = "none", llm_quantize: str = "none", say=print) -> Services:
     """Workers once, then a router + coordinator per strategy ({name: checkpoint or None}); with
     `prefetch_min_tokens`, one more for the first strategy with eager LLM catch-up ("<name>+prefetch")."""
     from r2r_serve.launcher import LocalCluster, start_deployment, start_router_and_coordinator
@@ -90,7 +90,8 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
     first = names[0]
     limit = ["--max-concurrent-sessions", str(max_sessions)]
     d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=device,
-                         threads=threads, router_strategy=first, router_checkpoint=strategies[first],
+                         threads=threads, slm_quantize=slm_quantize, llm_quantize=llm_quantize,
+                         router_strategy=first, router_checkpoint=strategies[first],
                          coordinator_args=limit, say=lambda *a, **k: None)
     services = Services(cluster, {first: d.coordinator}, d.slm, d.llm)
     for name in names[1:]:

@@ -114,7 +114,7 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
     With `certs` (security.generate_dev_certs) every internal service requires the CA-signed client
     certificate (mutual TLS) that only the coordinator (and the launcher's health checks) holds; the
     coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
-    never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none" or "int8");
+    never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none", "int8" or "int8-weight");
     `coordinator_args`: more coordinator flags (a pair's chat options)."""
     internal_tls = _internal_tls(certs)
     common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls

@@ -1,6 +1,7 @@
-"""`--quantize int8`: dynamic int8 linear layers in a CPU worker. The outputs move away from the float model
-(bench/forward_costs.py measures how far), but the service must stay self-consistent: with threshold > 1 it
-is the quantized SLM's own greedy generate(), with threshold 0 the quantized LLM's, token for token."""
+"""`--quantize int8` (dynamic int8 linear layers) and `int8-weight` (int8 weights for short forwards) in a CPU
+worker. The outputs move away from the float model (bench/forward_costs.py measures how far), but the
+service must stay self-consistent: with threshold > 1 it is the quantized SLM's own greedy generate(), with
+threshold 0 the quantized LLM's, token for token."""
 
 from __future__ import annotations
 
@@ -16,41 +17,55 @@ from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.launcher import start_deployment
 from r2r_serve.router.app import start_router
 from r2r_serve.worker.app import start_worker
-from r2r_serve.worker.engine import EngineConfig, ModelEngine, check_quantize, quantize_int8
+from r2r_serve.worker.engine import EngineConfig, ModelEngine, check_quantize, quantize_model
+from r2r_serve.worker.int8_weights import Int8WeightLinear
 
 PROMPTS = ["Write a Python function that reverses a string", "def add(a, b):", "class Stack:"]
 
 
-def int8_config(path, role: str) -> EngineConfig:
+def quantized_config(path, role: str, quantize: str = "int8") -> EngineConfig:
     # float32: the quantized layers take float32 activations (the other tests' float64 would be refused)
-    return EngineConfig(model=str(path), role=role, dtype="float32", features_top_k=TOP_K, quantize="int8")
+    return EngineConfig(model=str(path), role=role, dtype="float32", features_top_k=TOP_K, quantize=quantize)
 
 
-def quantized_reference(path):
+def quantized_reference(path, quantize: str = "int8"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    quantize_int8(model)
+    assert quantize_model(model, quantize) > 0
     return model
 
 
-@pytest.fixture(scope="module")
-def int8_hf(tiny_pair):
+def quantized_hf(tiny_pair, quantize: str) -> types.SimpleNamespace:
+    """The tiny pair loaded plainly with transformers and quantized as a worker quantizes them."""
     from transformers import AutoTokenizer
 
-    return types.SimpleNamespace(slm=quantized_reference(tiny_pair["slm"]), llm=quantized_reference(tiny_pair["llm"]),
+    return types.SimpleNamespace(slm=quantized_reference(tiny_pair["slm"], quantize),
+                                 llm=quantized_reference(tiny_pair["llm"], quantize),
                                  tokenizer=AutoTokenizer.from_pretrained(str(tiny_pair["slm"])))
 
 
-@pytest_asyncio.fixture(scope="module")
-async def int8_services(tiny_pair):
-    slm = await start_worker(int8_config(tiny_pair["slm"], "slm"))
-    llm = await start_worker(int8_config(tiny_pair["llm"], "llm"))
+async def quantized_services(tiny_pair, quantize: str):
+    """Quantized SLM and LLM workers, an entropy router and a coordinator; yields their handles."""
+    slm = await start_worker(quantized_config(tiny_pair["slm"], "slm", quantize))
+    llm = await start_worker(quantized_config(tiny_pair["llm"], "llm", quantize))
     router = await start_router("entropy")
     coord = await start_coordinator(f"127.0.0.1:{slm.port}", f"127.0.0.1:{llm.port}", f"127.0.0.1:{router.port}")
     yield types.SimpleNamespace(slm=slm, llm=llm, target=f"127.0.0.1:{coord.port}")
     for handle in (coord, router, slm, llm):
         await handle.stop(0.5)
+
+
+SCHEMES = ["int8", pytest.param("int8-weight", marks=pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="this torch has no weight-only int8 kernel"))]
+
+
+@pytest_asyncio.fixture(scope="module", params=SCHEMES)
+async def quantized(request, tiny_pair):
+    """Per --quantize scheme: its services and the reference models quantized the same way."""
+    hf = quantized_hf(tiny_pair, request.param)
+    async for services in quantized_services(tiny_pair, request.param):
+        yield types.SimpleNamespace(scheme=request.param, services=services, hf=hf)
 
 
 def hf_generate(model, ids: list[int], max_new: int, eos: int) -> list[int]:
@@ -61,38 +76,39 @@ def hf_generate(model, ids: list[int], max_new: int, eos: int) -> list[int]:
     return gen[: gen.index(eos)] if eos in gen else gen
 
 
-def is_quantized(model) -> bool:
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    quantized = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    return not linears and len(quantized) > 0
+QUANTIZED_LAYER = {"int8": torch.ao.nn.quantized.dynamic.Linear, "int8-weight": Int8WeightLinear}
 
 
-async def test_the_workers_really_run_int8(int8_services):
-    for handle in (int8_services.slm, int8_services.llm):
+async def test_the_workers_really_run_quantized_layers(quantized):
+    layer = QUANTIZED_LAYER[quantized.scheme]
+    for handle in (quantized.services.slm, quantized.services.llm):
         engine = handle.servicer.engine
-        assert is_quantized(engine.model)
-        assert isinstance(engine.decode_weights.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+        assert not any(type(m) is torch.nn.Linear for m in engine.model.modules())
+        assert any(isinstance(m, layer) for m in engine.model.modules())
+        assert isinstance(engine.decode_weights.lm_head, layer)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-async def test_threshold_above_one_is_the_quantized_slm_generate(int8_services, int8_hf, prompt):
+async def test_threshold_above_one_is_the_quantized_slm_generate(quantized, prompt):
     from r2r_client import AsyncR2RClient
 
-    ids = int8_hf.tokenizer(prompt)["input_ids"]
-    async with AsyncR2RClient(int8_services.target) as client:
+    hf = quantized.hf
+    ids = hf.tokenizer(prompt)["input_ids"]
+    async with AsyncR2RClient(quantized.services.target) as client:
         result = await client.generate(prompt, max_tokens=24, threshold=1.5)
-    assert result.token_ids == hf_generate(int8_hf.slm, ids, 24, int8_hf.tokenizer.eos_token_id)
+    assert result.token_ids == hf_generate(hf.slm, ids, 24, hf.tokenizer.eos_token_id)
     assert set(result.sources) <= {"slm"}
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
-async def test_threshold_zero_is_the_quantized_llm_generate(int8_services, int8_hf, prompt):
+async def test_threshold_zero_is_the_quantized_llm_generate(quantized, prompt):
     from r2r_client import AsyncR2RClient
 
-    ids = int8_hf.tokenizer(prompt)["input_ids"]
-    async with AsyncR2RClient(int8_services.target) as client:
+    hf = quantized.hf
+    ids = hf.tokenizer(prompt)["input_ids"]
+    async with AsyncR2RClient(quantized.services.target) as client:
         result = await client.generate(prompt, max_tokens=24, threshold=0.0, ignore_eos=False)
-    assert result.token_ids == hf_generate(int8_hf.llm, ids, 24, int8_hf.tokenizer.eos_token_id)
+    assert result.token_ids == hf_generate(hf.llm, ids, 24, hf.tokenizer.eos_token_id)
     assert set(result.sources) <= {"llm"}
 
 

@@ -45,8 +45,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's)")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
-                   help="int8: dynamic int8 linear layers (CPU and --dtype float32 only); 2-3x cheaper forwards "
-                        "on CPU but outputs drift from the float model (see bench/forward_costs.py)")
+                   help="int8-weight: int8 weights (per-channel scales) for forwards of fewer than 8 token rows, "
+                        "dense weights for longer ones, activations in --dtype (CPU; decode steps ~1.5x cheaper, "
+                        "top-1 drift about twice bf16's, memory 1.5x). int8: dynamic int8 linear layers (CPU and "
+                        "--dtype float32 only); 2-3x cheaper forwards but outputs drift far from the float model")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     add_server_tls_args(p)
 

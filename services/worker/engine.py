@@ -31,6 +31,7 @@ from r2r_serve.common.tensors import parse_dtype, to_proto
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
 from r2r_serve.proto import common_pb2
 from r2r_serve.worker.features import router_features
+from r2r_serve.worker.int8_weights import DEFAULT_MAX_ROWS, int8_weights_available, quantize_int8_weights
 from r2r_serve.worker.kv_store import CapacityError, DecodeGroup, KVStore, SessionKV
 from r2r_serve.worker.prepack import prepack_available, prepack_linears
 from r2r_serve.worker.sampling import Sampling, choose_tokens, validate
@@ -81,14 +82,16 @@ class EngineConfig:
     features_dtype: str = "float32"
     threads: int = 0                      # torch intra-op threads; 0 = torch's default
     attn_implementation: str | None = None
-    quantize: str = "none"                # "int8": dynamic int8 nn.Linear layers (CPU, float32 only)
+    # "int8": dynamic int8 nn.Linear layers (CPU, float32 only); "int8-weight": int8 weights for short
+    # forwards, activations in the model's dtype (CPU; worker/int8_weights.py)
+    quantize: str = "none"
     # True: decode-only batches run on persistent per-batch KV (DecodeGroup) and tokens/features are computed
     # batched with one host copy. False: the reference paths (re-padded KV every forward, per-row features),
     # kept for tests and bench/engine_step.py; the outputs are the same.
     fast_paths: bool = True
 
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int8-weight")
 
 
 def check_quantize(quantize: str, device: str, dtype: str) -> None:
@@ -98,8 +101,16 @@ def check_quantize(quantize: str, device: str, dtype: str) -> None:
     if quantize == "none":
         return
     if torch.device(device).type != "cpu":
-        raise ValueError(f"quantize={quantize!r} runs on the CPU only (PyTorch's dynamic int8 kernels); "
+        raise ValueError(f"quantize={quantize!r} runs on the CPU only (PyTorch's CPU int8 kernels); "
                          f"device {device!r} must use quantize='none' (bf16 is the GPU choice)")
+    if quantize == "int8-weight":
+        decode = parse_dtype_policy(dtype).decode
+        if decode not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"quantize='int8-weight' needs bfloat16, float16 or float32 decode weights, "
+                             f"not {decode!r}")
+        if not int8_weights_available():
+            raise ValueError("quantize='int8-weight' needs torch.ops.aten._weight_int8pack_mm, which this torch lacks")
+        return
     if dtype != "float32":  # a split policy ("bfloat16/float32") too: one set of float32 weights
         raise ValueError(f"quantize={quantize!r} needs dtype float32 (the int8 layers take and return "
                          f"float32 activations), not {dtype!r}")
@@ -118,6 +129,22 @@ def quantize_int8(model: torch.nn.Module) -> int:
         warnings.filterwarnings("ignore", message=".*deprecated.*")  # torch.ao.quantization's notices; works in 2.13
         quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return count
+
+
+QUANTIZE_SCHEMES = {"int8": "dynamic int8, per-channel",
+                    "int8-weight": f"int8 weights, per-channel, below {DEFAULT_MAX_ROWS} token rows"}
+
+
+def quantize_model(model: torch.nn.Module, quantize: str) -> int:
+    """Apply a --quantize scheme in place (the decode copy's weights); returns how many layers it replaced.
+    The benchmarks call this too, so every baseline runs the same quantized weights as the workers."""
+    if quantize == "int8":
+        return quantize_int8(model)
+    if quantize == "int8-weight":
+        return quantize_int8_weights(model)
+    if quantize == "none":
+        return 0
+    raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
 
 
 RELEASED_MEMORY = 65536  # released session ids remembered (refused if they come back)
@@ -180,14 +207,16 @@ class ModelEngine:
             prefill_model = load_weights(prefill_dtype)
         params = sum(p.numel() for p in self.model.parameters())
         self.prepacked = 0  # linear layers on prepacked weights, over both copies
-        if cfg.prepack and cfg.quantize == "none" and self.device.type == "cpu" and prepack_available():
-            self.prepacked = sum(prepack_linears(m) for m in (self.model, prefill_model) if m is not None)
+        if cfg.prepack and cfg.quantize != "int8" and self.device.type == "cpu" and prepack_available():
+            # int8-weight replaces the decode copy's layers: only a separate prefill copy is packed
+            packable = (self.model, prefill_model) if cfg.quantize == "none" else (prefill_model,)
+            self.prepacked = sum(prepack_linears(m) for m in packable if m is not None)
         packed_prefill = prefill_model is not None and self.prepacked > 0 and prefill_dtype == torch.float32
         self.prefill_from = cfg.prefill_from_tokens or (PREPACKED_PREFILL_FROM_TOKENS if packed_prefill
                                                         else DENSE_PREFILL_FROM_TOKENS)
-        if cfg.quantize == "int8":
-            quantized = quantize_int8(self.model)
-            log.info("model_quantized", model=path, role=cfg.role, scheme="dynamic int8, per-channel",
+        if cfg.quantize != "none":
+            quantized = quantize_model(self.model, cfg.quantize)
+            log.info("model_quantized", model=path, role=cfg.role, scheme=QUANTIZE_SCHEMES[cfg.quantize],
                      linear_layers=quantized)
         mc = self.model.config
         layer_types = set(getattr(mc, "layer_types", None) or ["full_attention"])
