@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub unless the user asks
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads libgomp: after a forward, its helper threads busy-wait 300,000 spins by default (~10 ms
+# here) before sleeping, which takes the cores from the other worker process: on 2 cores 4 concurrent R2R
+# sessions ran at 4.8 tok/s together instead of 15.1 with 10,000 spins (inside a forward the gaps between
+# parallel regions are microseconds, so a step slows little). Set GOMP_SPINCOUNT yourself to override.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def _run_async(coro) -> int:

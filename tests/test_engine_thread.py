@@ -1,4 +1,4 @@
-"""A worker runs all of its model's torch work on one thread.
+"""A worker runs all of its model's torch work on one thread, and its OpenMP helpers do not busy-wait for long.
 
 Each thread that enters a parallel torch region gets its own OpenMP pool; with more pooled threads than
 cores, libgomp stops spinning between regions and a CPU decode step slowed ~12% (measured on 2 cores). So
@@ -48,3 +48,19 @@ async def test_load_warmup_extend_and_release_share_one_thread(tiny_pair, monkey
     threads = set().union(*seen.values())
     assert len(threads) == 1, f"engine work ran on {len(threads)} threads: {seen}"
     assert threads != {threading.get_ident()}, "engine work ran on the event loop's thread"
+
+
+def test_r2r_processes_cap_openmp_busy_waiting_before_torch_loads():
+    """The `r2r` entry point sets GOMP_SPINCOUNT before anything imports torch (libgomp reads it once, when it
+    loads), and a value the user set wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, sys, r2r_serve.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["10000", "False"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "GOMP_SPINCOUNT": "5"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split()[0] == "5"
