@@ -12,7 +12,9 @@ def add_pair_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> No
     p.add_argument("--device", default="cpu")
     p.add_argument("--slm-dtype", default=dtype_default)
     p.add_argument("--llm-dtype", default=dtype_default)
+    from r2r_serve.worker.engine import QUANTIZE_CHOICES
+
     for role in ("slm", "llm"):
-        p.add_argument(f"--{role}-quantize", default="none", choices=["none", "int8", "int8-weight"],
+        p.add_argument(f"--{role}-quantize", default="none", choices=list(QUANTIZE_CHOICES),
                        help=f"the {role.upper()} worker's --quantize; the in-process baselines get the same weights")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")

@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     from r2r_serve.router.app import add_router_args
     from r2r_serve.router.strategies import STRATEGIES
     from r2r_serve.worker.app import add_worker_args, worker_dtype_arg
+    from r2r_serve.worker.engine import QUANTIZE_CHOICES
 
     parser = argparse.ArgumentParser(prog="r2r", description="R2R small/large model token routing over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize_help = ("int8-weight: int8 weights for decode steps, activations in the worker's dtype (CPU; "
                      "1.5x cheaper steps, top-1 drift about twice bf16's); int8: dynamic int8 linear layers (CPU, "
                      "float32 only; outputs drift far more)")
-    p.add_argument("--slm-quantize", default="none", choices=["none", "int8", "int8-weight"],
+    p.add_argument("--slm-quantize", default="none", choices=list(QUANTIZE_CHOICES),
                    help=f"the SLM worker's --quantize. {quantize_help}")
-    p.add_argument("--llm-quantize", default="none", choices=["none", "int8", "int8-weight"],
+    p.add_argument("--llm-quantize", default="none", choices=list(QUANTIZE_CHOICES),
                    help=f"the LLM worker's --quantize. {quantize_help}")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
     p.add_argument("--slm-replicas", type=int, default=1, help="SLM worker processes")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from r2r_serve.worker.engine import check_quantize
-from r2r_serve.worker.int8_weights import Int8WeightLinear, quantize_int8_weights
+from r2r_serve.worker.int8_weights import Int8WeightLinear, int8_weights_available, quantize_int8_weights
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="no int8 kernel")
+pytestmark = pytest.mark.skipif(not int8_weights_available(), reason="no int8 kernel")
 
 
 def test_short_inputs_use_int8_and_long_ones_the_dense_weight():

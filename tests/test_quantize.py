@@ -18,7 +18,7 @@ from r2r_serve.launcher import start_deployment
 from r2r_serve.router.app import start_router
 from r2r_serve.worker.app import start_worker
 from r2r_serve.worker.engine import EngineConfig, ModelEngine, check_quantize, quantize_model
-from r2r_serve.worker.int8_weights import Int8WeightLinear
+from r2r_serve.worker.int8_weights import Int8WeightLinear, int8_weights_available
 
 PROMPTS = ["Write a Python function that reverses a string", "def add(a, b):", "class Stack:"]
 
@@ -57,7 +57,7 @@ async def quantized_services(tiny_pair, quantize: str):
 
 
 SCHEMES = ["int8", pytest.param("int8-weight", marks=pytest.mark.skipif(
-    not hasattr(torch.ops.aten, "_weight_int8pack_mm"), reason="this torch has no weight-only int8 kernel"))]
+    not int8_weights_available(), reason="this torch has no weight-only int8 kernel"))]
 
 
 @pytest_asyncio.fixture(scope="module", params=SCHEMES)

@@ -91,7 +91,11 @@ class EngineConfig:
     fast_paths: bool = True
 
 
-QUANTIZE_CHOICES = ("none", "int8", "int8-weight")
+QUANTIZE_SCHEMES = {"int8": "dynamic int8, per-channel",
+                    "int8-weight": f"int8 weights, per-channel, below {DEFAULT_MAX_ROWS} token rows"}
+
+
+QUANTIZE_CHOICES = ("none", *QUANTIZE_SCHEMES)
 
 
 def check_quantize(quantize: str, device: str, dtype: str) -> None:
@@ -129,10 +133,6 @@ def quantize_int8(model: torch.nn.Module) -> int:
         warnings.filterwarnings("ignore", message=".*deprecated.*")  # torch.ao.quantization's notices; works in 2.13
         quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return count
-
-
-QUANTIZE_SCHEMES = {"int8": "dynamic int8, per-channel",
-                    "int8-weight": f"int8 weights, per-channel, below {DEFAULT_MAX_ROWS} token rows"}
 
 
 def quantize_model(model: torch.nn.Module, quantize: str) -> int:
