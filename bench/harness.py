@@ -46,7 +46,7 @@ from bench.machine import machine_description  # noqa: E402
 
 console = Console()
 STRATEGY_RUN_NAMES = {"neural": "r2r", "entropy": "r2r-entropy", "random": "r2r-random"}
-PREFETCH = "+prefetch"  # suffix of the coordinator with eager LLM catch-up, over the first strategy's router
+VARIANT = "+"  # "<strategy>+<variant>": a coordinator over the first strategy's router with other scheduling
 
 
 def new_progress() -> Progress:
@@ -66,19 +66,30 @@ def calibration_requests(n: int, workload: list[runner.Request], which: str) -> 
     return [runner.Request(f"cal-{p['id']}", [{"role": "user", "content": p["text"]}]) for p in prompts]
 
 
-def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], prefetch: bool = False) -> list[dict]:
-    """Every run at every share; with `prefetch`, the first strategy also at the first share with eager LLM
-    catch-up (same router, same threshold: only the coordinator's scheduling differs)."""
+def coordinator_variants(args) -> dict[str, list[str]]:
+    """Scheduling variants measured beside the plain coordinator: {variant: its extra flags}."""
+    variants = {}
+    if args.prefetch_min_tokens > 0:
+        variants["prefetch"] = ["--llm-prefetch-min-tokens", str(args.prefetch_min_tokens)]
+    if args.compare_lookahead:
+        variants["nolookahead"] = ["--no-lookahead"]
+    return variants
+
+
+def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], variants=()) -> list[dict]:
+    """Every run at every share; for each of `variants`, the first strategy also at the first share with that
+    coordinator variant (same router, same threshold: only the coordinator's scheduling differs)."""
     runs = [dict(name="slm", strategy=None, threshold=2.0, target_share=0.0),
             dict(name="llm", strategy=None, threshold=0.0, target_share=1.0)]
     for strategy, by_share in thresholds.items():
         for share in shares:
             runs.append(dict(name=STRATEGY_RUN_NAMES[strategy], strategy=strategy, threshold=by_share[share],
                              target_share=share))
-    if prefetch and thresholds:
+    if thresholds:
         strategy, by_share = next(iter(thresholds.items()))
-        runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-prefetch", strategy=strategy + PREFETCH,
-                         threshold=by_share[shares[0]], target_share=shares[0]))
+        for variant in variants:
+            runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-{variant}", strategy=f"{strategy}{VARIANT}{variant}",
+                             threshold=by_share[shares[0]], target_share=shares[0]))
     return runs
 
 
@@ -87,7 +98,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
     speed_requests = requests if args.quality_sessions == 1 else requests[: args.speed_problems]
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies=strategies, threads=args.threads, log_dir=args.log_dir,
-                                     prefetch_min_tokens=args.prefetch_min_tokens, slm_quantize=args.slm_quantize,
+                                     variants=coordinator_variants(args), slm_quantize=args.slm_quantize,
                                      llm_quantize=args.llm_quantize, say=console.print)
     out: dict = {"calibration": {}, "runs": [], "sweep": []}
     try:
@@ -97,7 +108,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
             cal = calibration_requests(args.calibration_prompts, requests, args.calibration_set)
             thresholds = {}
             for name, target in services.coordinators.items():
-                if name.endswith(PREFETCH):
+                if VARIANT in name:
                     continue  # the same router as its strategy's: the same thresholds
                 c = runner.calibrate_thresholds(target, cal, args.shares,
                                                 max_tokens=args.calibration_max_tokens or args.max_tokens,
@@ -106,8 +117,8 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 thresholds[name] = c["thresholds"]
                 out["calibration"][name] = {f"{s:g}": t for s, t in c["thresholds"].items()} | {"positions": c["positions"]}
             first = next(iter(services.coordinators))
-            prefetch = any(n.endswith(PREFETCH) for n in services.coordinators)
-            for plan in plan_runs(thresholds, args.shares, prefetch):
+            variants = [n.split(VARIANT, 1)[1] for n in services.coordinators if VARIANT in n]
+            for plan in plan_runs(thresholds, args.shares, variants):
                 target = services.coordinators[plan["strategy"] or first]
                 label = f"{plan['name']} share {plan['target_share']:g}"
                 quality = runner.run_requests(target, requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
@@ -116,7 +127,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                     target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens, sessions=1,
                     progress=progress, label=f"{label} (speed, 1 session)")
                 out["runs"].append(dict(plan, quality=quality, speed=speed))
-            sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], prefetch) if p["name"] in args.sweep_runs]
+            sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], variants) if p["name"] in args.sweep_runs]
             sweep_prompts = requests[: max(args.sweep) * args.sweep_rounds]
             for plan in sweep_plans:
                 for sessions in args.sweep:
@@ -273,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefetch-min-tokens", type=int, default=16, metavar="N",
                    help="also run the shipped router at the first share with eager LLM catch-up of lags >= N "
                         "(the coordinator's --llm-prefetch-min-tokens) as run r2r-prefetch; 0 = skip")
+    p.add_argument("--compare-lookahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the shipped router at the first share with the coordinator's --no-lookahead "
+                        "(run r2r-nolookahead): what sending each next extend early buys")
     p.add_argument("--skip-assisted", action="store_true")
     p.add_argument("--component-context", type=int, default=256)
     p.add_argument("--component-max-tokens", type=int, default=512)

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 COLORS = {"slm": "#4c78a8", "llm": "#e45756", "r2r": "#54a24b", "r2r-entropy": "#f58518", "r2r-random": "#9d9d9d",
-          "assisted": "#b279a2", "r2r-prefetch": "#2a7f3a"}
+          "assisted": "#b279a2", "r2r-prefetch": "#2a7f3a",
+          "r2r-nolookahead": "#8c6d31"}
 
 
 def _fmt(x, spec=".2f", none="–"):
@@ -69,8 +70,9 @@ def write(summary: dict, out_dir: Path, console: Console) -> None:
 
 
 def _family(name: str) -> str:
-    if name.endswith("-prefetch"):  # eager LLM catch-up, whichever router it runs with
-        return "r2r-prefetch"
+    for variant in ("-prefetch", "-nolookahead"):  # coordinator variants, whichever router they run with
+        if name.endswith(variant):
+            return "r2r" + variant
     return name if name in COLORS else "r2r"
 
 

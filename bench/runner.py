@@ -78,10 +78,12 @@ class Services:
 
 
 def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype: str, strategies: dict[str, str | None],
-                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64, prefetch_min_tokens: int = 0,
+                   threads: int = 0, log_dir: str | None = None, max_sessions: int = 64,
+                   variants: dict[str, list[str]] | None = None,
                    slm_quantize: str = "none", llm_quantize: str = "none", say=print) -> Services:
-    """Workers once, then a router + coordinator per strategy ({name: checkpoint or None}); with
-    `prefetch_min_tokens`, one more for the first strategy with eager LLM catch-up ("<name>+prefetch")."""
+    """Workers once, then a router + coordinator per strategy ({name: checkpoint or None}); for each of
+    `variants` ({variant: extra coordinator flags}), one more for the first strategy ("<name>+<variant>"):
+    the same router and workers, only the coordinator's scheduling differs."""
     from r2r_serve.launcher import LocalCluster, start_deployment, start_router_and_coordinator
 
     cluster = LocalCluster(log_dir)
@@ -98,10 +100,10 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
         _, services.coordinators[name] = start_router_and_coordinator(
             cluster, d.slm, d.llm, router_strategy=name, router_checkpoint=strategies[name],
             coordinator_args=limit, suffix=f"-{name}")
-    if prefetch_min_tokens > 0:
-        _, services.coordinators[f"{first}+prefetch"] = start_router_and_coordinator(
+    for variant, flags in (variants or {}).items():
+        _, services.coordinators[f"{first}+{variant}"] = start_router_and_coordinator(
             cluster, d.slm, d.llm, router_strategy=first, router_checkpoint=strategies[first],
-            coordinator_args=[*limit, "--llm-prefetch-min-tokens", str(prefetch_min_tokens)], suffix="-prefetch")
+            coordinator_args=[*limit, *flags], suffix=f"-{variant}")
     return services
 
 

@@ -123,6 +123,8 @@ def serve_plan(args) -> ServePlan:
                      args.router_strategy, args.router_checkpoint, args.threshold, pair=pair.name if pair else "")
     if args.llm_prefetch_min_tokens:
         plan.coordinator_args += ["--llm-prefetch-min-tokens", str(args.llm_prefetch_min_tokens)]
+    if not args.lookahead:
+        plan.coordinator_args.append("--no-lookahead")
     if pair is None:
         return plan
     if args.router_strategy == "auto" and not args.router_checkpoint and not args.slm:
@@ -325,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-checkpoint")
     p.add_argument("--llm-prefetch-min-tokens", type=int, default=0, metavar="N",
                    help="eager LLM catch-up of lags >= N tokens while the LLM is idle (0 = off; see r2r coordinator)")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="send each next extend before the router has judged the token (see r2r coordinator)")
     p.add_argument("--port", type=int, default=50051, help="coordinator port")
     p.add_argument("--gateway-port", type=int, default=0, help="also start the OpenAI-compatible gateway (0 = no)")
     p.add_argument("--log-dir", help="where service logs go (default: a new temp folder)")

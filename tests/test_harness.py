@@ -69,7 +69,7 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     for key in ("machine", "date", "model_pair", "runs", "r2r_measured_over_ideal"):
         assert key in summary
     names = {r["name"] for r in summary["runs"]}
-    assert {"slm", "llm", "r2r-entropy", "r2r-random", "r2r-entropy-prefetch"} <= names
+    assert {"slm", "llm", "r2r-entropy", "r2r-random", "r2r-entropy-prefetch", "r2r-entropy-nolookahead"} <= names
     for r in summary["runs"]:
         for key, kind in RUN_KEYS.items():
             assert isinstance(r[key], kind), (r["name"], key)
@@ -78,7 +78,8 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
         assert 0.0 <= r["llm_share"] <= 1.0
     quality = {r["name"]: r for r in summary["runs"] if not r.get("sweep")}
     # Eager catch-up reschedules the LLM's reading only: same router, same threshold.
-    assert quality["r2r-entropy-prefetch"]["threshold"] == quality["r2r-entropy"]["threshold"]
+    for variant in ("prefetch", "nolookahead"):
+        assert quality[f"r2r-entropy-{variant}"]["threshold"] == quality["r2r-entropy"]["threshold"]
     assert quality["slm"]["llm_share"] == 0.0 and quality["llm"]["llm_share"] == 1.0
     assert all(r["problems"] == 3 for r in quality.values())
     sweep = sorted(r["sessions"] for r in summary["runs"] if r.get("sweep") and r["name"] == "llm")

@@ -42,6 +42,9 @@ ROUTER_PROBABILITY = Histogram("r2r_router_probability", "P(divergent) the route
 LLM_CATCHUP_TOKENS = Histogram("r2r_llm_catchup_tokens", "Tokens the LLM consumed per routed token",
                                buckets=_TOKENS)
 LLM_PREFETCH_TOKENS = Counter("r2r_llm_prefetch_tokens", "Tokens the LLM caught up eagerly while idle (prefetch)")
+LOOKAHEAD_STEPS = Counter("r2r_lookahead_steps", "Extends sent before their token was final, by whether the "
+                          "step used them or discarded them (the LLM changed the token, the answer ended)",
+                          ["pool", "outcome"])
 POOL_QUEUE_DEPTH = Gauge("r2r_pool_queue_depth", "Items waiting for the next batch, per pool", ["pool"])
 POOL_BATCH_SIZE = Histogram("r2r_pool_batch_size", "Items per batch sent to a pool", ["pool"], buckets=_BATCH)
 POOL_COALESCE_TIMEOUTS = Counter("r2r_pool_coalesce_timeouts", "Batches cut after waiting the whole coalesce "

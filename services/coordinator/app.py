@@ -49,6 +49,9 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="eager LLM catch-up: while an LLM replica is idle, catch up sessions that lag by >= N "
                         "tokens (their prompts first), so a routed token costs a short extend; 0 = off "
                         "(coordinator/prefetch.py)")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="send each session's next extend as soon as its token is known, before the router has "
+                        "judged it; discarded when the LLM changes the token (coordinator/lookahead.py)")
     p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
@@ -66,6 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                default_max_tokens=args.default_max_tokens, default_threshold=args.threshold,
                                router_fallback=args.router_fallback,
                                llm_prefetch_min_tokens=args.llm_prefetch_min_tokens,
+                               lookahead=args.lookahead,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
 
 

@@ -131,7 +131,10 @@ class StreamBatcher(Generic[Item, Result]):
                 for (_, fut, _), result in zip(batch, results):
                     if not fut.done():
                         fut.set_result(result)
-                self._awaited = {key for _, _, key in batch if key is not None}
+                # Callers that already queued again (a lookahead) or gave this answer up are not waited for.
+                queued = {key for _, _, key in self._queue}
+                self._awaited = {key for _, fut, key in batch
+                                 if key is not None and key not in queued and not fut.cancelled()}
 
     async def _coalesce(self) -> None:
         """Before cutting a batch, wait (at most `coalesce_s`) for the callers of the last batch to come back.

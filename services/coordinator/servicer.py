@@ -36,6 +36,7 @@ class CoordinatorSettings:
     default_threshold: float | None = None  # None = the router's own default
     router_fallback: str = "llm"            # when the router is unreachable: llm | slm | fail
     llm_prefetch_min_tokens: int = 0        # eager LLM catch-up of lags >= this while the LLM is idle; 0 = off
+    lookahead: bool = True                  # send each next extend before the router has judged the token
     chat: ChatOptions = field(default_factory=ChatOptions)
 
 
@@ -162,13 +163,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             threshold = threshold_for_share(self.router.info.threshold_curve, req.llm_share, self.router.info.strategy)
         else:
             threshold = req.threshold if req.HasField("threshold") else self.default_threshold
+        stop_ids = set(req.stop_token_ids)
+        eos = set() if req.ignore_eos else self.eos_token_ids
         session = Session(session_id=f"{request_id}-{uuid.uuid4().hex[:8]}", history=list(ids), prompt_len=len(ids),
-                          sampling=req.sampling, threshold=threshold)
+                          sampling=req.sampling, threshold=threshold, lookahead=self.settings.lookahead,
+                          final_tokens=frozenset(eos | stop_ids))
         structlog.contextvars.bind_contextvars(session_id=session.session_id)
         log.info("request_started", prompt_tokens=len(ids), max_tokens=budget, threshold=threshold)
         detok = StreamingDetokenizer(self.tokenizer, ids, list(req.stop))
-        stop_ids = set(req.stop_token_ids)
-        eos = set() if req.ignore_eos else self.eos_token_ids
         finish, ttft, llm_tokens, count = coordinator_pb2.FINISH_REASON_LENGTH, 0.0, 0, 0
         last_token_at = started
         loop = asyncio.get_running_loop()
@@ -179,7 +181,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 # The deadline bounds each step, never a `yield`: a timeout that fired while the consumer
                 # holds the generator would cancel gRPC's own write instead of this loop.
                 async with asyncio.timeout_at(deadline):
-                    step = await r2r_step(session, self.slm, self.router, self.llm, self.settings.router_fallback)
+                    step = await r2r_step(session, self.slm, self.router, self.llm, self.settings.router_fallback,
+                                          may_continue=count + 1 < budget)
                 if step.token in eos:
                     finish = coordinator_pb2.FINISH_REASON_EOS
                     break
@@ -221,6 +224,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         finally:
             # Done: no batcher should wait for this session's next step, nor run its eager catch-up.
             self.prefetcher.cancel(session)
+            session.drop_lookahead()
             self.slm.leaving(session.session_id, session.slm)
             self.router.leaving(session.session_id)
             self.llm.leaving(session.session_id, session.llm)

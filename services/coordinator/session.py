@@ -9,6 +9,8 @@ x[0..l). Each step:
 A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
 the SLM's proposal is not needed and is skipped (the LLM alone). When the router cannot be reached the
 coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail".
+With lookahead on, each step sends the next step's first extend as soon as its token is known, even before
+the router has judged it (lookahead.py): the worker computes while the coordinator routes and streams.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from r2r_serve.common import metrics
 from r2r_serve.coordinator.batcher import PeerUnavailable
+from r2r_serve.coordinator.lookahead import Lookahead
 from r2r_serve.coordinator.pool import Placement, RouterClient, WorkerPool
 from r2r_serve.proto import common_pb2
 
@@ -40,6 +43,9 @@ class Session:
     slm: Placement = field(default_factory=Placement)
     llm: Placement = field(default_factory=Placement)
     llm_prefetch: asyncio.Task | None = None  # an eager LLM catch-up in flight (prefetch.py)
+    lookahead: bool = False
+    final_tokens: frozenset[int] = frozenset()  # tokens that end the answer (EOS, stop ids): nothing follows
+    ahead: Lookahead | None = None  # the next step's extend, sent early (lookahead.py)
 
     @property
     def routes_never(self) -> bool:
@@ -56,14 +62,40 @@ class Session:
         if task is not None and not task.done():
             await asyncio.shield(task)
 
+    async def next_result(self, pool: WorkerPool, placement: Placement, want_features: bool):
+        """This step's answer from `pool`: the lookahead's if it guessed this history, else a new extend."""
+        ahead = self.ahead
+        if ahead is not None and ahead.pool is pool:
+            self.ahead = None
+            if ahead.matches(self.history):
+                return await ahead.result()
+            ahead.discard()
+        return await pool.extend(self.session_id, placement, self.history, self.sampling, want_features)
+
+    def look_ahead(self, pool: WorkerPool, placement: Placement, token: int, want_features: bool,
+                   may_continue: bool) -> None:
+        """Send the extend that follows `token` now, if there will be a next step."""
+        if self.lookahead and may_continue and token not in self.final_tokens:
+            self.ahead = Lookahead.start(pool, placement, self.session_id, self.history, token, self.sampling,
+                                         want_features)
+
+    def drop_lookahead(self) -> None:
+        """The answer is over (or the next step goes elsewhere): the early extend is not needed."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.discard()
+
 
 async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: WorkerPool,
-                   router_fallback: str = "llm") -> StepResult:
+                   router_fallback: str = "llm", may_continue: bool = True) -> StepResult:
     """One token. Between steps a session tells each pool's batcher it will not be back soon (`leaving`), so
-    the batch forming there is cut without waiting for it."""
+    the batch forming there is cut without waiting for it. `may_continue`: a step may follow this one
+    (the length budget is not spent), so a lookahead is worth sending."""
     p = -1.0
     if not s.routes_always:
-        proposal = await slm.extend(s.session_id, s.slm, s.history, s.sampling, want_features=not s.routes_never)
+        proposal = await s.next_result(slm, s.slm, want_features=not s.routes_never)
+        # Sent before the router answers: the SLM's next forward overlaps the scoring and the streaming.
+        s.look_ahead(slm, s.slm, proposal.token, want_features=not s.routes_never, may_continue=may_continue)
         if s.routes_never:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
         try:
@@ -82,7 +114,13 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
         router.leaving(s.session_id)
     await s.settle_prefetch()
     metrics.LLM_CATCHUP_TOKENS.observe(len(s.history) - (s.llm.cursor if s.llm.replica else 0))
-    answer = await llm.extend(s.session_id, s.llm, s.history, s.sampling, want_features=False)
-    if not s.routes_always:
+    answer = await s.next_result(llm, s.llm, want_features=False)
+    if s.routes_always:
+        s.look_ahead(llm, s.llm, answer.token, want_features=False, may_continue=may_continue)
+    else:
         llm.leaving(s.session_id, s.llm)  # its next step starts on the SLM: the LLM's next batch goes without it
+        if s.ahead is None or s.ahead.token != answer.token:
+            # The LLM changed the token the SLM's lookahead assumed: start over from the LLM's.
+            s.drop_lookahead()
+            s.look_ahead(slm, s.slm, answer.token, want_features=True, may_continue=may_continue)
     return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p)

@@ -1,0 +1,143 @@
+"""A/B of coordinator variants on one deployment, interleaved: which scheduling is faster on this machine?
+
+One set of workers and one router; a coordinator per variant (the plain one, plus each `--variant
+NAME=FLAGS`). Every round runs the same HumanEval prompts through every coordinator, in an order that
+rotates each round, so slow minutes of a noisy VM fall on all variants alike. Outputs must agree across
+variants (they are scheduling changes only), which the run checks. Reports median tokens/s per request and
+aggregate tokens/s per variant, and writes JSON.
+
+  python -m bench.ab --problems 3 --rounds 3 --share 0.1                       # lookahead vs --no-lookahead
+  python -m bench.ab --variant prefetch=--llm-prefetch-min-tokens=16 --sessions 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench import humaneval, runner
+from bench.args import add_pair_args
+from bench.harness import new_progress
+from bench.machine import machine_description
+
+console = Console()
+PLAIN = "plain"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, flags = text.partition("=")
+    if not name or not flags:
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS (e.g. nolookahead=--no-lookahead), got {text!r}")
+    return name, flags.split()
+
+
+def rotated(names: list[str], round_index: int) -> list[str]:
+    k = round_index % len(names)
+    return names[k:] + names[:k]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from r2r_serve.cli import resolve_models
+    from r2r_serve.models.pair_config import auto_dtype, load_pair_config
+
+    slm, llm, _ = resolve_models(args)
+    slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else auto_dtype(args.device)
+    llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else auto_dtype(args.device)
+    checkpoint = None if args.tiny else load_pair_config().router_checkpoint
+    strategy = "neural" if checkpoint else "entropy"
+    problems = humaneval.load_problems(args.problems)
+    requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
+    variants = dict(args.variant or [("nolookahead", ["--no-lookahead"])])
+    services = runner.start_services(slm, llm, device=args.device, slm_dtype=slm_dtype, llm_dtype=llm_dtype,
+                                     strategies={strategy: checkpoint}, threads=args.threads, variants=variants,
+                                     slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, say=console.print)
+    targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
+    names = list(targets)
+    results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
+    try:
+        for target in targets.values():
+            runner.warm_up(target, [2.0, 0.0, 0.5])
+        threshold = args.threshold
+        with new_progress() as progress:
+            if threshold is None:
+                cal = runner.calibrate_thresholds(targets[PLAIN], requests, [args.share], max_tokens=args.max_tokens,
+                                                  sessions=len(requests), progress=progress, label="calibrate")
+                threshold = cal["thresholds"][args.share]
+            for i in range(args.rounds):
+                for name in rotated(names, i):
+                    results[name].append(runner.run_requests(
+                        targets[name], requests, threshold=threshold, max_tokens=args.max_tokens,
+                        sessions=args.sessions, progress=progress, label=f"round {i + 1} {name}"))
+    finally:
+        services.stop()
+    summary = summarize(results, threshold, args)
+    show(summary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ab-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(summary, indent=1))
+    console.print(f"wrote {path}")
+    return 0 if summary["outputs_agree"] else 1
+
+
+def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args) -> dict:
+    texts = {name: [o.text for r in runs for o in r.outcomes] for name, runs in results.items()}
+    reference = next(iter(texts.values()))
+    variants = {}
+    for name, runs in results.items():
+        per_request = [o.tokens_per_s for r in runs for o in r.outcomes]
+        variants[name] = dict(
+            tokens_per_s=statistics.median(per_request),
+            aggregate_tokens_per_s=statistics.median(r.aggregate_tokens_per_s for r in runs),
+            aggregate_by_round=[r.aggregate_tokens_per_s for r in runs],
+            llm_share=statistics.median(r.llm_share for r in runs),
+            ttft_s=statistics.median(o.ttft_s for r in runs for o in r.outcomes))
+    plain = variants[PLAIN]["aggregate_tokens_per_s"]
+    for v in variants.values():
+        v["aggregate_vs_plain"] = v["aggregate_tokens_per_s"] / plain if plain else None
+    return dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                threshold=threshold, problems=args.problems, rounds=args.rounds, sessions=args.sessions,
+                max_tokens=args.max_tokens, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
+                variants=variants, outputs_agree=all(t == reference for t in texts.values()))
+
+
+def show(summary: dict) -> None:
+    table = Table(title=f"A/B at threshold {summary['threshold']:.4f}, {summary['sessions']} session(s), "
+                        f"{summary['rounds']} rounds")
+    for col in ("variant", "tok/s per request", "aggregate tok/s", "vs plain", "LLM share", "TTFT s"):
+        table.add_column(col)
+    for name, v in summary["variants"].items():
+        table.add_row(name, f"{v['tokens_per_s']:.2f}", f"{v['aggregate_tokens_per_s']:.2f}",
+                      f"{v['aggregate_vs_plain']:.3f}", f"{v['llm_share']:.1%}", f"{v['ttft_s']:.2f}")
+    console.print(table)
+    if not summary["outputs_agree"]:
+        console.print("[red]the variants' answers differ: a scheduling change altered outputs[/]")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pair_args(p)
+    p.add_argument("--variant", type=parse_variant, action="append", metavar="NAME=FLAGS",
+                   help="a coordinator variant and its extra flags (repeatable; default: nolookahead=--no-lookahead)")
+    p.add_argument("--problems", type=int, default=3, help="the first N HumanEval problems")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sessions", type=int, default=1, help="requests in flight at once")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--share", type=float, default=0.1, help="calibrate the threshold for this LLM share")
+    p.add_argument("--threshold", type=float, default=None, help="use this threshold instead of calibrating")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ab"))
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
