@@ -123,10 +123,10 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 label = f"{plan['name']} share {plan['target_share']:g}"
                 quality = runner.run_requests(target, requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
                                               sessions=args.quality_sessions, progress=progress, label=label)
-                speed = quality if args.quality_sessions == 1 else runner.run_requests(
-                    target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens, sessions=1,
-                    progress=progress, label=f"{label} (speed, 1 session)")
-                out["runs"].append(dict(plan, quality=quality, speed=speed))
+                speed, workers = (quality, None) if args.quality_sessions == 1 else runner.timed_run(
+                    services, target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
+                    sessions=1, progress=progress, label=f"{label} (speed, 1 session)")
+                out["runs"].append(dict(plan, quality=quality, speed=speed, workers=workers))
             sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], variants) if p["name"] in args.sweep_runs]
             sweep_prompts = requests[: max(args.sweep) * args.sweep_rounds]
             for plan in sweep_plans:
@@ -229,9 +229,11 @@ def main(argv=None) -> int:
         graded = grade(problems, r["quality"], args.grade_workers)
         mode = "r2r" if r["strategy"] else r["name"]
         ideal = ideal_report(r["speed"], mode, components)
+        workers = r["workers"]
         runs.append(run_entry(r["name"], r["threshold"], 1, r["speed"], r["quality"], graded,
                               target_share=r["target_share"], router=r["strategy"], quality_sessions=args.quality_sessions,
-                              **ideal))
+                              workers_forward=workers,
+                              service_overhead=1 - workers["workers_share"] if workers else None, **ideal))
     if assisted_result:
         graded = grade(problems, assisted_result, args.grade_workers)
         runs.append(run_entry("assisted", None, 1, assisted_result, None, graded, router=None))
@@ -246,6 +248,7 @@ def main(argv=None) -> int:
                    model_pair=f"{Path(slm).name} + {Path(llm).name}", slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                    slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, max_tokens=args.max_tokens, runs=runs,
                    r2r_measured_over_ideal=statistics.median(r["measured_over_ideal"] for r in neural) if neural else None,
+                   r2r_service_overhead=next((r["service_overhead"] for r in neural), None),
                    calibration=served["calibration"], components=components.to_json(),
                    command=" ".join(["python bench/harness.py", *(argv if argv is not None else sys.argv[1:])]),
                    wall_s=round(time.perf_counter() - started, 1))

@@ -18,23 +18,27 @@ def _fmt(x, spec=".2f", none="–"):
     return none if x is None else format(x, spec)
 
 
+def _pct(x) -> str:
+    return _fmt(x and 100 * x, ".1f") + ("%" if x is not None else "")
+
+
 def print_table(summary: dict, console: Console) -> None:
     t = Table(title=f"{summary['model_pair']} on {summary['machine']}")
     for col in ("run", "threshold", "sessions", "tok/s (median)", "aggregate tok/s", "TTFT s", "ITL ms",
-                "LLM share", "pass@1", "problems", "measured/ideal"):
+                "LLM share", "pass@1", "problems", "measured/ideal", "overhead"):
         t.add_column(col, justify="right")
     for r in summary["runs"]:
         t.add_row(r["name"], _fmt(r["threshold"], ".3g"), str(r["sessions"]), _fmt(r["tokens_per_s"]),
                   _fmt(r["aggregate_tokens_per_s"]), _fmt(r.get("ttft_s")), _fmt(r.get("itl_ms"), ".0f"),
                   _fmt(100 * r["llm_share"], ".1f") + "%", _fmt(r["humaneval_pass1"] and 100 * r["humaneval_pass1"], ".1f"),
-                  str(r["problems"]), _fmt(r.get("measured_over_ideal")))
+                  str(r["problems"]), _fmt(r.get("measured_over_ideal")), _pct(r.get("service_overhead")))
     console.print(t)
 
 
 def markdown_table(summary: dict) -> str:
     """The README's table (batch-1 runs; the concurrency sweep is a second table)."""
     lines = ["| run | threshold | LLM share | HumanEval pass@1 | problems | tok/s (median, 1 session) | TTFT s | "
-             "vs LLM | measured / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+             "vs LLM | measured / ideal | service overhead |", "|---|---|---|---|---|---|---|---|---|---|"]
     llm = next((r for r in summary["runs"] if r["name"] == "llm" and r["sessions"] == 1), None)
     for r in summary["runs"]:
         if r["sessions"] != 1:
@@ -44,7 +48,7 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {r['name']} | {_fmt(r['threshold'], '.3g')} | {100 * r['llm_share']:.1f}% | "
                      f"{_fmt(pass1 and 100 * pass1, '.1f')}{'%' if pass1 is not None else ''} | {r['problems']} | "
                      f"{_fmt(r['tokens_per_s'])} | {_fmt(r.get('ttft_s'))} | {_fmt(speedup)}x | "
-                     f"{_fmt(r.get('measured_over_ideal'))} |")
+                     f"{_fmt(r.get('measured_over_ideal'))} | {_pct(r.get('service_overhead'))} |")
     sweep = [r for r in summary["runs"] if r.get("sweep")]
     if sweep:
         lines += ["", "| run | sessions | aggregate tok/s | per-request tok/s (median) | LLM share |", "|---|---|---|---|---|"]

@@ -150,6 +150,37 @@ def run_requests(target: str, requests: list[Request], *, threshold: float, max_
                             progress, label))
 
 
+async def _forward_s(endpoints: list[str]) -> float:
+    import grpc
+
+    from r2r_serve.proto import worker_pb2, worker_pb2_grpc
+
+    total = 0.0
+    for ep in endpoints:
+        async with grpc.aio.insecure_channel(ep) as channel:
+            load = await worker_pb2_grpc.ModelWorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10.0)
+            total += load.forward_s
+    return total
+
+
+def workers_forward_s(services: Services) -> dict[str, float]:
+    """Seconds each pool's workers have spent in forward passes so far (summed over replicas)."""
+    return {role: asyncio.run(_forward_s([e for e in endpoints.split(",") if e]))
+            for role, endpoints in (("slm", services.slm), ("llm", services.llm))}
+
+
+def timed_run(services: Services, target: str, requests: list[Request], **kw) -> tuple[RunResult, dict]:
+    """run_requests, plus the workers' forward seconds during it and the share of its wall time they are:
+    1 - that share is the service overhead, measured in the same minutes as the run (no drift between a
+    run and a component timing taken later, which on a noisy VM can be larger than the overhead itself)."""
+    before = workers_forward_s(services)
+    result = run_requests(target, requests, **kw)
+    after = workers_forward_s(services)
+    busy = {f"{role}_s": round(after[role] - before[role], 3) for role in after}
+    share = sum(busy.values()) / result.wall_s if result.wall_s > 0 else None
+    return result, dict(busy, wall_s=round(result.wall_s, 3), workers_share=share)
+
+
 def warm_up(target: str, thresholds: list[float]) -> None:
     """One short request per threshold: first-call costs (allocations, stream set-up) are not measured."""
     msgs = [{"role": "user", "content": "Say hi."}]

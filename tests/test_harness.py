@@ -81,6 +81,14 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     for variant in ("prefetch", "nolookahead"):
         assert quality[f"r2r-entropy-{variant}"]["threshold"] == quality["r2r-entropy"]["threshold"]
     assert quality["slm"]["llm_share"] == 0.0 and quality["llm"]["llm_share"] == 1.0
+    # The workers' forward seconds during each speed run, read from the workers themselves (GetLoad).
+    slm_busy, llm_busy = quality["slm"]["workers_forward"], quality["llm"]["workers_forward"]
+    assert slm_busy["slm_s"] > 0 and slm_busy["llm_s"] == 0, "an SLM-only run made the LLM work"
+    assert llm_busy["llm_s"] > 0 and llm_busy["slm_s"] == 0, "an LLM-only run made the SLM work"
+    for r in quality.values():
+        if r["name"] != "assisted":
+            assert 0 < r["workers_forward"]["workers_share"] <= 1.2 and r["service_overhead"] < 1
+    assert summary["r2r_service_overhead"] is not None
     assert all(r["problems"] == 3 for r in quality.values())
     sweep = sorted(r["sessions"] for r in summary["runs"] if r.get("sweep") and r["name"] == "llm")
     assert sweep == [1, 2]

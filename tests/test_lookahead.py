@@ -11,13 +11,14 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from conftest import TOP_K, active_sessions, wait_until, worker_with_stub
+from conftest import TOP_K, worker_with_stub
 from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.coordinator.servicer import CoordinatorSettings
 from r2r_serve.router.strategies import EntropyStrategy
 from reference import reference_r2r
 from test_anchors import PROMPTS, hf_generate, ids_of
 from test_dtype_policy import _threshold_between_scores
+from test_prefetch import _no_sessions_left
 
 
 def _steps(pool: str, outcome: str) -> float:
@@ -108,7 +109,4 @@ async def test_an_answer_cancelled_with_a_lookahead_in_flight_leaks_no_kv(servic
         finally:
             await coord.stop(0.5)
             engine.extend = plain
-
-        async def empty():
-            return await active_sessions(stub) == 0
-        await wait_until(empty, timeout_s=10.0)
+        await _no_sessions_left(stub)

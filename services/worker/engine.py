@@ -157,6 +157,7 @@ class ModelEngine:
         self.tokenizer = None
         self.kv: KVStore | None = None
         self.batches = 0
+        self.forward_s = 0.0  # summed over every forward (GetLoad reports it)
         self.last_forward_ms = 0.0
         # Set to a dict to accumulate seconds per phase of each forward (bench/engine_step.py); None = off.
         # On CUDA every mark synchronizes the device, so only benchmarks should turn it on.
@@ -427,6 +428,7 @@ class ModelEngine:
         self.batches += 1
         elapsed = time.perf_counter() - started
         self.last_forward_ms = elapsed * 1000
+        self.forward_s += elapsed
         self._metrics.forward(len(chunk), sum(len(works[i].tokens) for i in chunk), elapsed)
         for j, i in enumerate(chunk):
             outcomes[i] = ExtendOutcome(works[i].session_id, OK, sessions[j].length, token=tokens[j],

@@ -113,7 +113,7 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         kv = self.engine.kv
         return worker_pb2.WorkerLoad(active_sessions=len(kv), held_tokens=kv.held_tokens,
                                      batches=self.engine.batches, evictions=kv.evictions,
-                                     inflight_items=self.batcher.inflight_items)
+                                     inflight_items=self.batcher.inflight_items, forward_s=self.engine.forward_s)
 
     async def GetTokenizer(self, request, context):
         return worker_pb2.TokenizerFiles(files=self.engine.tokenizer_files, fingerprint=self.engine.fingerprint)
