@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import humaneval, runner
-from bench.args import add_pair_args
+from bench.args import add_pair_args, resolve_auto_dtypes
 from bench.harness import new_progress
 from bench.machine import machine_description
 
@@ -48,17 +48,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from r2r_serve.cli import resolve_models
-    from r2r_serve.models.pair_config import auto_dtype, load_pair_config
+    from r2r_serve.models.pair_config import load_pair_config
 
     slm, llm, _ = resolve_models(args)
-    slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else auto_dtype(args.device)
-    llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else auto_dtype(args.device)
+    resolve_auto_dtypes(args)
     checkpoint = None if args.tiny else load_pair_config().router_checkpoint
     strategy = "neural" if checkpoint else "entropy"
     problems = humaneval.load_problems(args.problems)
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
     variants = dict(args.variant or [("nolookahead", ["--no-lookahead"])])
-    services = runner.start_services(slm, llm, device=args.device, slm_dtype=slm_dtype, llm_dtype=llm_dtype,
+    services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype,
+                                     llm_dtype=args.llm_dtype,
                                      strategies={strategy: checkpoint}, threads=args.threads, variants=variants,
                                      slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, say=console.print)
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}

@@ -18,3 +18,12 @@ def add_pair_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> No
         p.add_argument(f"--{role}-quantize", default="none", choices=list(QUANTIZE_CHOICES),
                        help=f"the {role.upper()} worker's --quantize; the in-process baselines get the same weights")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
+
+
+def resolve_auto_dtypes(args: argparse.Namespace) -> None:
+    """`auto` dtypes resolved as r2r serve resolves them (bf16, or bfloat16/float32 on AVX2 CPUs)."""
+    from r2r_serve.models.pair_config import auto_dtype
+
+    for role in ("slm", "llm"):
+        if getattr(args, f"{role}_dtype") == "auto":
+            setattr(args, f"{role}_dtype", auto_dtype(args.device))

@@ -41,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import components as comp  # noqa: E402
 from bench import humaneval, report, runner  # noqa: E402
-from bench.args import add_pair_args  # noqa: E402
+from bench.args import add_pair_args, resolve_auto_dtypes  # noqa: E402
 from bench.machine import machine_description  # noqa: E402
 
 console = Console()
@@ -96,9 +96,10 @@ def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], va
 def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str | None]) -> dict:
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
     speed_requests = requests if args.quality_sessions == 1 else requests[: args.speed_problems]
+    variants = coordinator_variants(args)
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies=strategies, threads=args.threads, log_dir=args.log_dir,
-                                     variants=coordinator_variants(args), slm_quantize=args.slm_quantize,
+                                     variants=variants, slm_quantize=args.slm_quantize,
                                      llm_quantize=args.llm_quantize, say=console.print)
     out: dict = {"calibration": {}, "runs": [], "sweep": []}
     try:
@@ -117,7 +118,6 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 thresholds[name] = c["thresholds"]
                 out["calibration"][name] = {f"{s:g}": t for s, t in c["thresholds"].items()} | {"positions": c["positions"]}
             first = next(iter(services.coordinators))
-            variants = [n.split(VARIANT, 1)[1] for n in services.coordinators if VARIANT in n]
             for plan in plan_runs(thresholds, args.shares, variants):
                 target = services.coordinators[plan["strategy"] or first]
                 label = f"{plan['name']} share {plan['target_share']:g}"
@@ -298,10 +298,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-dir")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    from r2r_serve.models.pair_config import auto_dtype  # as r2r serve (bf16, or bfloat16/float32 on AVX2 CPUs)
-
-    args.slm_dtype = args.slm_dtype if args.slm_dtype != "auto" else auto_dtype(args.device)
-    args.llm_dtype = args.llm_dtype if args.llm_dtype != "auto" else auto_dtype(args.device)
+    resolve_auto_dtypes(args)
     args.baselines = [b for b in args.baselines.split(",") if b]
     args.sweep_runs = [r for r in args.sweep_runs.split(",") if r]
     args.router_checkpoint = args.router_checkpoint or None

@@ -18,7 +18,7 @@ from r2r_serve.router.strategies import EntropyStrategy
 from reference import reference_r2r
 from test_anchors import PROMPTS, hf_generate, ids_of
 from test_dtype_policy import _threshold_between_scores
-from test_prefetch import _no_sessions_left
+from test_prefetch import _no_sessions_left, cancel_mid_answer
 
 
 def _steps(pool: str, outcome: str) -> float:
@@ -79,8 +79,6 @@ async def test_anchors_hold_with_lookahead_on_either_model(services, hf):
 
 
 async def test_an_answer_cancelled_with_a_lookahead_in_flight_leaks_no_kv(services, tiny_pair):
-    from r2r_client import AsyncR2RClient
-
     async with worker_with_stub(tiny_pair["slm"], "slm") as (handle, stub):
         engine = handle.servicer.engine
         plain = engine.extend
@@ -97,16 +95,10 @@ async def test_an_answer_cancelled_with_a_lookahead_in_flight_leaks_no_kv(servic
             return plain(works)
 
         engine.extend = slow_extend
-        coord = await start_coordinator(f"127.0.0.1:{handle.port}", services.llm_target,
-                                        services.coord.servicer.router.endpoint, CoordinatorSettings())
         try:
-            async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-                task = asyncio.ensure_future(client.generate(PROMPTS[0], max_tokens=200, threshold=1.5))
-                await asyncio.wait_for(slow.wait(), 10.0)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+            await cancel_mid_answer(await start_coordinator(
+                f"127.0.0.1:{handle.port}", services.llm_target, services.coord.servicer.router.endpoint,
+                CoordinatorSettings()), slow, threshold=1.5)
         finally:
-            await coord.stop(0.5)
             engine.extend = plain
         await _no_sessions_left(stub)

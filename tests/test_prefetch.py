@@ -44,6 +44,24 @@ async def _no_sessions_left(stub) -> None:
     await wait_until(empty, timeout_s=10.0)
 
 
+async def cancel_mid_answer(coord, started: asyncio.Event, threshold: float, settle_s: float = 0.0,
+                            start_within_s: float = 10.0) -> None:
+    """Start a long answer, wait until `started` (a slow forward has begun) and `settle_s` more, then cancel
+    it as a client giving up would; the coordinator is stopped after."""
+    from r2r_client import AsyncR2RClient
+
+    try:
+        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
+            task = asyncio.ensure_future(client.generate(PROMPTS[0], max_tokens=200, threshold=threshold))
+            await asyncio.wait_for(started.wait(), start_within_s)
+            await asyncio.sleep(settle_s)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        await coord.stop(0.5)
+
+
 async def _generate_all(coord, threshold: float, max_tokens: int = 20):
     from r2r_client import AsyncR2RClient
 
@@ -125,16 +143,9 @@ async def test_cancelling_a_request_while_its_prefetch_runs_leaks_no_kv(services
         return plain(works)
 
     engine.extend = slow_extend
-    coord = await _coordinator(services, handle, 4)
-    try:
-        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-            task = asyncio.ensure_future(client.generate(PROMPTS[0], max_tokens=200, threshold=1.0))
-            await asyncio.wait_for(started.wait(), 5.0)
-            await asyncio.sleep(0.1)  # the prefetch's forward is running on the worker now
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+    try:  # 0.1 s after the slow forward began: the prefetch's forward is running on the worker now
+        await cancel_mid_answer(await _coordinator(services, handle, 4), started, threshold=1.0, settle_s=0.1,
+                                start_within_s=5.0)
     finally:
-        await coord.stop(0.5)
         engine.extend = plain
     await _no_sessions_left(stub)
