@@ -123,12 +123,15 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 label = f"{plan['name']} share {plan['target_share']:g}"
                 quality = runner.run_requests(target, requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
                                               sessions=args.quality_sessions, progress=progress, label=label)
-                speed, workers = (quality, None) if args.quality_sessions == 1 else runner.timed_run(
+                one_session = args.quality_sessions == 1 or args.quality_only
+                speed, workers = (quality, None) if one_session else runner.timed_run(
                     services, target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
                     sessions=1, progress=progress, label=f"{label} (speed, 1 session)")
                 out["runs"].append(dict(plan, quality=quality, speed=speed, workers=workers))
             sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], variants) if p["name"] in args.sweep_runs]
-            sweep_prompts = requests[: max(args.sweep) * args.sweep_rounds]
+            if args.quality_only or not args.sweep:
+                sweep_plans = []
+            sweep_prompts = requests[: max(args.sweep, default=0) * args.sweep_rounds]
             for plan in sweep_plans:
                 for sessions in args.sweep:
                     target = services.coordinators[plan["strategy"] or first]
@@ -143,7 +146,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
 
 
 def assisted_phase(args, slm: str, llm: str, problems) -> runner.RunResult | None:
-    if args.skip_assisted:
+    if args.skip_assisted or args.quality_only:
         return None
     from bench import assisted
 
@@ -193,8 +196,23 @@ def run_entry(name, threshold, sessions, speed: runner.RunResult, quality: runne
                 aggregate_tokens_per_s=(quality or speed).aggregate_tokens_per_s,
                 llm_share=(quality or speed).llm_share, humaneval_pass1=graded["pass@1"] if graded else None,
                 problems=graded["problems"] if graded else len(speed.outcomes),
+                passed_tasks=sorted(k for k, v in graded["results"].items() if v["passed"]) if graded else None,
                 ttft_s=speed.median("ttft_s"), itl_ms=1000 * speed.median("itl_s"),
                 completion_tokens=statistics.median(o.completion_tokens for o in (quality or speed).outcomes), **extra)
+
+
+def paired_differences(runs: list[dict]) -> dict:
+    """Per run, against the LLM alone on the same problems: problems only the LLM passes, and problems only
+    this run passes. pass@1 differences of a few points on a few dozen problems are a handful of problems;
+    this says which way each one went."""
+    llm = next((r for r in runs if r["name"] == "llm" and r.get("passed_tasks") is not None), None)
+    if llm is None:
+        return {}
+    reference = set(llm["passed_tasks"])
+    return {r["name"] + (f"@{r['threshold']:.3g}" if r["threshold"] is not None else ""):
+            {"only_llm_passes": sorted(reference - set(r["passed_tasks"])),
+             "only_this_passes": sorted(set(r["passed_tasks"]) - reference)}
+            for r in runs if r is not llm and r.get("passed_tasks") is not None and r["problems"] == llm["problems"]}
 
 
 def main(argv=None) -> int:
@@ -218,19 +236,22 @@ def main(argv=None) -> int:
 
     from r2r_serve.router.strategies import load_strategy
 
-    router = load_strategy("neural", checkpoint) if checkpoint else load_strategy("entropy")
-    components = comp.measure(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                              slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, strategy=router,
-                              context=args.component_context, max_prefill=args.component_max_tokens,
-                              repeats=args.component_repeats, say=console.print)
+    components = None
+    if not args.quality_only:
+        router = load_strategy("neural", checkpoint) if checkpoint else load_strategy("entropy")
+        components = comp.measure(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                                  slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, strategy=router,
+                                  context=args.component_context, max_prefill=args.component_max_tokens,
+                                  repeats=args.component_repeats, say=console.print)
+    speed_sessions = args.quality_sessions if args.quality_only else 1
 
     runs = []
     for r in served["runs"]:
         graded = grade(problems, r["quality"], args.grade_workers)
         mode = "r2r" if r["strategy"] else r["name"]
-        ideal = ideal_report(r["speed"], mode, components)
+        ideal = ideal_report(r["speed"], mode, components) if components else {}
         workers = r["workers"]
-        runs.append(run_entry(r["name"], r["threshold"], 1, r["speed"], r["quality"], graded,
+        runs.append(run_entry(r["name"], r["threshold"], speed_sessions, r["speed"], r["quality"], graded,
                               target_share=r["target_share"], router=r["strategy"], quality_sessions=args.quality_sessions,
                               workers_forward=workers,
                               service_overhead=1 - workers["workers_share"] if workers else None, **ideal))
@@ -249,7 +270,8 @@ def main(argv=None) -> int:
                    slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, max_tokens=args.max_tokens, runs=runs,
                    r2r_measured_over_ideal=statistics.median(r["measured_over_ideal"] for r in neural) if neural else None,
                    r2r_service_overhead=next((r["service_overhead"] for r in neural), None),
-                   calibration=served["calibration"], components=components.to_json(),
+                   calibration=served["calibration"], components=components.to_json() if components else None,
+                   quality_only=args.quality_only, paired=paired_differences(runs),
                    command=" ".join(["python bench/harness.py", *(argv if argv is not None else sys.argv[1:])]),
                    wall_s=round(time.perf_counter() - started, 1))
     report.print_table(summary, console)
@@ -291,6 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the shipped router at the first share with the coordinator's --no-lookahead "
                         "(run r2r-nolookahead): what sending each next extend early buys")
     p.add_argument("--skip-assisted", action="store_true")
+    p.add_argument("--quality-only", action="store_true",
+                   help="answers and grades only, at --quality-sessions: no 1-session timing, sweep, assisted "
+                        "generation or component timing (tok/s then comes from the concurrent quality runs)")
     p.add_argument("--component-context", type=int, default=256)
     p.add_argument("--component-max-tokens", type=int, default=512)
     p.add_argument("--component-repeats", type=int, default=5)

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import components as comp  # noqa: E402
-from bench import report  # noqa: E402
+from bench import harness, report  # noqa: E402
 from bench.harness import main as harness_main  # noqa: E402
 
 RUN_KEYS = {"name": str, "sessions": int, "tokens_per_s": float, "aggregate_tokens_per_s": float,
@@ -96,3 +96,29 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     assert (out / "summary.md").read_text().startswith("| run |")
     for png in ("quality_vs_share.png", "quality_vs_speed.png"):
         assert (out / png).stat().st_size > 5000
+
+
+def test_paired_differences_name_the_problems_that_changed_hands():
+    runs = [dict(name="llm", threshold=0.0, problems=3, passed_tasks=["a", "b"]),
+            dict(name="r2r", threshold=0.5, problems=3, passed_tasks=["b", "c"]),
+            dict(name="assisted", threshold=None, problems=2, passed_tasks=["a"])]  # other problems: not paired
+    assert harness.paired_differences(runs) == {"r2r@0.5": {"only_llm_passes": ["a"], "only_this_passes": ["c"]}}
+
+
+def test_quality_only_run_answers_and_grades_without_timing(tmp_path, tiny_pair):
+    out = tmp_path / "results"
+    tiny_dir = Path(tiny_pair["slm"]).parent
+    rc = harness_main(["--tiny", str(tiny_dir), "--limit", "3", "--max-tokens", "10", "--shares", "0.2",
+                       "--quality-sessions", "2", "--calibration-prompts", "2", "--calibration-max-tokens", "8",
+                       "--baselines", "entropy", "--no-compare-lookahead", "--prefetch-min-tokens", "0",
+                       "--quality-only", "--grade-workers", "2", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quality_only"] and summary["components"] is None
+    assert not any(r.get("sweep") for r in summary["runs"]), "a quality-only run ran the sweep"
+    assert {r["name"] for r in summary["runs"]} == {"slm", "llm", "r2r-entropy"}
+    for r in summary["runs"]:
+        assert r["sessions"] == 2 and r["problems"] == 3 and r["workers_forward"] is None
+        assert len(r["passed_tasks"]) == round(3 * r["humaneval_pass1"])
+    assert set(summary["paired"]) == {"slm@2", "r2r-entropy@" + format(summary["runs"][2]["threshold"], ".3g")}
+    assert "2 sessions" in (out / "summary.md").read_text()
