@@ -37,6 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 from r2r_serve.common.dtypes import parse_dtype_policy
 from r2r_serve.common.tensors import parse_dtype
 from r2r_serve.worker.engine import quantize_model
+from r2r_serve.worker.prepack import prepack_available, prepack_linears
 
 Mode = Literal["assisted", "llm", "slm"]
 MODES: tuple[Mode, ...] = ("assisted", "llm", "slm")
@@ -109,7 +110,7 @@ def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", s
     HF generate runs each model in one dtype: for a split policy (DECODE/PREFILL, common/dtypes.py) the
     drafting SLM takes DECODE (it writes token by token), the verifying LLM PREFILL (multi-token forwards).
     `*_quantize`: the workers' --quantize, applied as a worker applies it (to its DECODE weights), so this
-    baseline runs the same weights as the services."""
+    baseline runs the same weights as the services; float32 layers on the CPU are prepacked, as theirs are."""
     from transformers import AutoTokenizer
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -122,6 +123,8 @@ def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", s
     for model, spec, quantize in ((slm, slm_dtype, slm_quantize), (llm, llm_dtype, llm_quantize)):
         if quantize != "none" and (spec == "auto" or model.dtype == parse_dtype(parse_dtype_policy(spec).decode)):
             quantize_model(model, quantize)
+        elif dev.type == "cpu" and prepack_available():
+            prepack_linears(model)  # fp32 layers on prepacked weights, as the workers hold them
     eos = _eos_ids(tokenizer, slm, llm)
     for model in (slm, llm):
         _plain_greedy_config(model, eos, tokenizer)

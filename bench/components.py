@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r2r_serve.common.dtypes import PREPACKED_PREFILL_FROM_TOKENS, parse_dtype_policy
+from r2r_serve.common.dtypes import default_prefill_from_tokens, parse_dtype_policy
 from r2r_serve.common.tensors import parse_dtype
 from r2r_serve.worker.engine import quantize_model
 from r2r_serve.worker.prepack import prepack_available, prepack_linears
@@ -112,10 +112,10 @@ def forward_costs(model, lengths, context: int, device: torch.device, repeats: i
 def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dtype: str, strategy=None,
             slm_quantize: str = "none", llm_quantize: str = "none",
             context: int = 256, max_prefill: int = 512, repeats: int = 5,
-            prefill_from_tokens: int = PREPACKED_PREFILL_FROM_TOKENS, say=print) -> Components:
+            prefill_from_tokens: int | None = None, say=print) -> Components:
     """`slm_dtype`/`llm_dtype`: the workers' dtype policies; a forward of k tokens is timed in the dtype the
-    worker runs it in (DECODE below `prefill_from_tokens`, PREFILL from it on); `*_quantize` is applied to the
-    DECODE weights, as the workers apply their --quantize."""
+    worker runs it in (DECODE below `prefill_from_tokens`, PREFILL from it on; None: each worker's default
+    crossover); `*_quantize` is applied to the DECODE weights, as the workers apply their --quantize."""
     from transformers import AutoModelForCausalLM
 
     dev = torch.device(device)
@@ -123,6 +123,8 @@ def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dt
     def timed(path: str, spec: str, quantize: str, plan: list[tuple[list[int], int]]) -> list[CostTable]:
         """One CostTable per (lengths, context) in `plan`, each length in its policy's dtype."""
         policy = parse_dtype_policy(spec)
+        packed = dev.type == "cpu" and prepack_available() and policy.prefill == "float32"
+        crossover = prefill_from_tokens or default_prefill_from_tokens(packed, int8_decode=quantize == "int8-weight")
         tables = [CostTable() for _ in plan]
         for dtype in dict.fromkeys((policy.decode, policy.prefill)):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype)).to(dev).eval()
@@ -131,7 +133,7 @@ def measure(slm_path: str, llm_path: str, *, device: str, slm_dtype: str, llm_dt
             elif dev.type == "cpu" and prepack_available():
                 prepack_linears(model)  # as the workers do (float32 layers only)
             for table, (ks, ctx) in zip(tables, plan):
-                mine = [k for k in ks if (policy.prefill if k >= prefill_from_tokens else policy.decode) == dtype]
+                mine = [k for k in ks if (policy.prefill if k >= crossover else policy.decode) == dtype]
                 if mine:
                     table.ms.update(forward_costs(model, mine, ctx, dev, repeats).ms)
             del model

@@ -24,7 +24,8 @@ Variants:
   int8-bf16      the int8 linears inside the bf16 model (norms, attention, embeddings, KV cache in bf16;
                  activations cast to fp32 around each quantized linear, which takes fp32 only)
   bf16-int8w     the workers' --quantize int8-weight on the bf16 model (worker/int8_weights.py): int8 weights,
-                 per-channel scales, for forwards of fewer than 8 token rows; the dense bf16 weights from 8 on
+                 per-channel scales, at every length on AVX2-only CPUs, below 8 token rows on CPUs with bf16 units
+  bf16-int8w8    the same with int8 below 8 rows everywhere, the dense bf16 weights from 8 on
   phase          "dtype per phase": the bf16 model for k < --phase-crossover, the fp32 one from it on;
                  the KV cache is kept in fp32 and cast to bf16 for a bf16 forward (the cast is timed)
 Quality columns: top-1 agreement with fp32 and mean KL(fp32 || variant) of the next-token distributions at
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` imp
 from bench.machine import machine_description  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
-ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "bf16-int8w", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix",
+ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "bf16-int8w", "bf16-int8w8", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix",
                 "int8-bf16", "phase"]
 KS = [1, 2, 4, 8, 16, 32]
 
@@ -203,7 +204,7 @@ def build_variants(path: str, names: list[str]) -> tuple[dict[str, Variant], dic
 
     variants = {}
     needs_fp32 = any(n != "bf16" for n in names)
-    needs_bf16 = any(n in ("bf16", "bf16-int8w", "int8-bf16", "int8pc-mix", "phase") for n in names)
+    needs_bf16 = any(n in ("bf16", "bf16-int8w", "bf16-int8w8", "int8-bf16", "int8pc-mix", "phase") for n in names)
     fp32 = load("float32") if needs_fp32 else None
     bf16 = load("bfloat16") if needs_bf16 else None
     with warnings.catch_warnings():
@@ -213,12 +214,15 @@ def build_variants(path: str, names: list[str]) -> tuple[dict[str, Variant], dic
                 variants[name] = Variant(name, fp32, "fp32 weights", module_bytes(fp32))
             elif name == "bf16":
                 variants[name] = Variant(name, bf16, "bf16 weights", module_bytes(bf16))
-            elif name == "bf16-int8w":
+            elif name in ("bf16-int8w", "bf16-int8w8"):
+                from r2r_serve.worker.int8_weights import BF16_UNITS_MAX_ROWS, default_max_rows, describe_max_rows
                 from r2r_serve.worker.int8_weights import quantize_int8_weights
 
+                rows = BF16_UNITS_MAX_ROWS if name == "bf16-int8w8" else default_max_rows(torch.bfloat16)
                 m = shallow_copy(bf16)
-                quantize_int8_weights(m)
-                variants[name] = Variant(name, m, "int8 weights below 8 rows, bf16 dense above", module_bytes(m))
+                quantize_int8_weights(m, max_rows=rows)
+                variants[name] = Variant(name, m, f"int8 weights {describe_max_rows(rows)}, bf16 dense above",
+                                         module_bytes(m))
             elif name == "fp32-packed":
                 from r2r_serve.worker.prepack import prepack_linears
 

@@ -173,11 +173,19 @@ async def test_anchors_hold_with_split_workers(split_services, hf):
     (set(), "float32"),                         # anything else (another architecture): fp32
 ])
 def test_auto_dtype_by_cpu(monkeypatch, flags, cpu_choice):
+    from r2r_serve.common import cpu
     from r2r_serve.models import pair_config
 
-    monkeypatch.setattr(pair_config, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert pair_config.auto_dtype("cpu") == cpu_choice
     assert pair_config.auto_dtype("cuda:0") == "bfloat16"
+
+
+@pytest.mark.parametrize("prepacked, int8, rows", [(True, False, 2), (False, False, 6), (True, True, 16)])
+def test_the_default_crossover_follows_how_the_weights_are_held(prepacked, int8, rows):
+    from r2r_serve.common.dtypes import default_prefill_from_tokens
+
+    assert default_prefill_from_tokens(prepacked, int8_decode=int8) == rows
 
 
 def test_policies_in_pair_files_and_flags(tmp_path):

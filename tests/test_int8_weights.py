@@ -56,3 +56,37 @@ def test_serve_flags_take_int8_weight():
 
     args = build_parser().parse_args(["serve", "--slm-quantize", "int8-weight", "--llm-quantize", "int8-weight"])
     assert (args.slm_quantize, args.llm_quantize) == ("int8-weight", "int8-weight")
+
+
+@pytest.mark.parametrize("flags, dtype, rows", [
+    ({"avx2", "fma"}, torch.bfloat16, None),            # AVX2 only: the int8 kernel wins at every length
+    ({"avx2", "avx512_bf16"}, torch.bfloat16, 8),       # bf16 units: dense bf16 GEMMs win from 8 rows
+    ({"avx2", "amx_bf16"}, torch.bfloat16, 8),
+    ({"avx2", "fma"}, torch.float32, 8),                # fp32 activations: the int8 kernel is slow
+])
+def test_the_row_limit_follows_the_cpu_and_the_dtype(monkeypatch, flags, dtype, rows):
+    from r2r_serve.common import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    linear = torch.nn.Linear(64, 48, dtype=dtype)
+    layer = Int8WeightLinear(linear)
+    assert layer.max_rows == rows
+    assert (layer.weight is None) == (rows is None), "the dense weight is kept only where it can be read"
+    with torch.inference_mode():
+        long = torch.randn(40, 64, dtype=dtype)
+        # 40 rows: int8 when there is no limit (so not the dense result), dense bit for bit under one
+        assert torch.equal(layer(long), linear(long)) == (rows is not None)
+        if rows is None:  # another dtype still works, through the int8 weights
+            assert layer(long.float()).dtype == torch.float32
+
+
+def test_a_tied_head_keeps_its_dense_weight_without_a_row_limit():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    assert quantize_int8_weights(model, max_rows=None) == 8  # q, k, v, o, gate, up, down, head
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embedding.weight
+    assert model.model.layers[0].mlp.up_proj.weight is None

@@ -18,10 +18,21 @@ from dataclasses import dataclass
 
 from r2r_serve.common.tensors import DTYPES_BY_NAME
 
-# Where PREFILL starts to win on an AVX2 CPU (both default models, bench/forward_costs.py): dense fp32 from
-# 8 rows (bf16 wins at 4), prepacked fp32 from 2 rows (1.5B: 273 vs 303 ms at 2 rows; bf16 180 vs 248 at 1).
+# Where PREFILL starts to win on an AVX2 CPU (both default models, bench/forward_costs.py, a 200-token
+# cache): dense fp32 from 8 rows (bf16 wins at 4), prepacked fp32 from 2 rows (1.5B: 273 vs 303 ms at 2
+# rows; bf16 180 vs 248 at 1). Over int8 decode weights (--quantize int8-weight) the decode copy is cheaper
+# still: prepacked fp32 from 16 rows (1.5B int8 540 vs 729 ms at 8 rows, 986 vs 970 at 16; 0.5B 364 vs 388
+# at 16, 637 vs 514 at 32).
 DENSE_PREFILL_FROM_TOKENS = 6
 PREPACKED_PREFILL_FROM_TOKENS = 2
+INT8_DECODE_PREFILL_FROM_TOKENS = 16
+
+
+def default_prefill_from_tokens(prepacked_prefill: bool, int8_decode: bool = False) -> int:
+    """The measured crossover for a split policy, by how each copy of the weights is held."""
+    if int8_decode:
+        return INT8_DECODE_PREFILL_FROM_TOKENS
+    return PREPACKED_PREFILL_FROM_TOKENS if prepacked_prefill else DENSE_PREFILL_FROM_TOKENS
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r2r_serve.common import cpu
+
 PAIRS_DIR = Path(__file__).resolve().parent / "pairs"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the installed r2r_serve package
 DEFAULT_PAIR_NAME = "qwen2.5-coder"
@@ -123,23 +125,11 @@ def load_pair_config(name_or_path: str | os.PathLike = DEFAULT_PAIR_NAME) -> Pai
                       description=data.get("description", ""))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(flags.split())
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX): there bf16 forwards beat fp32
-    at every length; without them bf16 multi-token forwards are 4-5x slower than fp32."""
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
 def auto_dtype(device: str) -> str:
-    """bf16 on GPUs and on CPUs with bf16 units; on other x86 CPUs (AVX2) bf16 decode steps with fp32 long
-    forwards (common/dtypes.py: each forward in the cheaper copy of the weights); else fp32."""
-    if device.startswith("cuda") or cpu_has_bf16():
+    """bf16 on GPUs and on CPUs with bf16 units (AVX512-BF16 or AMX), where bf16 forwards beat fp32 at every
+    length; on other x86 CPUs (AVX2) bf16 decode steps with fp32 long forwards (common/dtypes.py: each
+    forward in the cheaper copy of the weights), because there bf16 multi-token forwards are 4-5x slower
+    than fp32; else fp32."""
+    if device.startswith("cuda") or cpu.has_bf16_units():
         return "bfloat16"
-    return "bfloat16/float32" if "avx2" in _cpu_flags() else "float32"
+    return "bfloat16/float32" if cpu.has_avx2() else "float32"

@@ -30,7 +30,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "fast choice on CPUs without bf16 units); auto: this machine's best (as r2r serve picks)")
     p.add_argument("--prefill-from-tokens", type=int, default=0,
                    help="with a DECODE/PREFILL dtype: forwards of at least this many token rows (batch x new "
-                        "tokens) use the PREFILL weights; 0 = the measured crossover (2 with prepacked fp32, else 6)")
+                        "tokens) use the PREFILL weights; 0 = the measured crossover (prepacked fp32: 2, "
+                        "dense: 6; over int8-weight decode weights: 16)")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="keep plain nn.Linear for float32 weights on the CPU (default: oneDNN prepacked weights, "
                         "the same math and 1.3-2.7x cheaper forwards of 1-32 tokens)")
@@ -45,8 +46,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's)")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE_CHOICES),
-                   help="int8-weight: int8 weights (per-channel scales) for forwards of fewer than 8 token rows, "
-                        "dense weights for longer ones, activations in --dtype (CPU; decode steps ~1.5x cheaper, "
+                   help="int8-weight: int8 weights (per-channel scales), activations in --dtype (CPU; bf16 layers on "
+                        "an AVX2-only CPU: every forward, else below 8 token rows, dense weights above; "
+                        "decode steps ~1.1-1.5x cheaper, catch-ups up to 2.7x, "
                         "top-1 drift about twice bf16's, memory 1.5x). int8: dynamic int8 linear layers (CPU and "
                         "--dtype float32 only); 2-3x cheaper forwards but outputs drift far from the float model")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from r2r_serve.common import metrics
-from r2r_serve.common.dtypes import DENSE_PREFILL_FROM_TOKENS, PREPACKED_PREFILL_FROM_TOKENS, parse_dtype_policy
+from r2r_serve.common.dtypes import default_prefill_from_tokens, parse_dtype_policy
 from r2r_serve.common.logging import get_logger
 from r2r_serve.common.tensors import parse_dtype, to_proto
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
 from r2r_serve.proto import common_pb2
 from r2r_serve.worker.features import router_features
-from r2r_serve.worker.int8_weights import DEFAULT_MAX_ROWS, int8_weights_available, quantize_int8_weights
+from r2r_serve.worker.int8_weights import BF16_UNITS_MAX_ROWS, int8_weights_available, quantize_int8_weights
 from r2r_serve.worker.kv_store import CapacityError, DecodeGroup, KVStore, SessionKV
 from r2r_serve.worker.prepack import prepack_available, prepack_linears
 from r2r_serve.worker.sampling import Sampling, choose_tokens, validate
@@ -92,7 +92,8 @@ class EngineConfig:
 
 
 QUANTIZE_SCHEMES = {"int8": "dynamic int8, per-channel",
-                    "int8-weight": f"int8 weights, per-channel, below {DEFAULT_MAX_ROWS} token rows"}
+                    "int8-weight": f"int8 weights, per-channel (bf16 on an AVX2-only CPU: every length; else "
+                                   f"below {BF16_UNITS_MAX_ROWS} token rows)"}
 
 
 QUANTIZE_CHOICES = ("none", *QUANTIZE_SCHEMES)
@@ -213,8 +214,8 @@ class ModelEngine:
             packable = (self.model, prefill_model) if cfg.quantize == "none" else (prefill_model,)
             self.prepacked = sum(prepack_linears(m) for m in packable if m is not None)
         packed_prefill = prefill_model is not None and self.prepacked > 0 and prefill_dtype == torch.float32
-        self.prefill_from = cfg.prefill_from_tokens or (PREPACKED_PREFILL_FROM_TOKENS if packed_prefill
-                                                        else DENSE_PREFILL_FROM_TOKENS)
+        self.prefill_from = cfg.prefill_from_tokens or default_prefill_from_tokens(
+            packed_prefill, int8_decode=cfg.quantize == "int8-weight")
         if cfg.quantize != "none":
             quantized = quantize_model(self.model, cfg.quantize)
             log.info("model_quantized", model=path, role=cfg.role, scheme=QUANTIZE_SCHEMES[cfg.quantize],
