@@ -221,8 +221,8 @@ def build_variants(path: str, names: list[str]) -> tuple[dict[str, Variant], dic
                 rows = BF16_UNITS_MAX_ROWS if name == "bf16-int8w8" else default_max_rows(torch.bfloat16)
                 m = shallow_copy(bf16)
                 quantize_int8_weights(m, max_rows=rows)
-                variants[name] = Variant(name, m, f"int8 weights {describe_max_rows(rows)}, bf16 dense above",
-                                         module_bytes(m))
+                dense = ", bf16 dense above" if rows is not None else ""
+                variants[name] = Variant(name, m, f"int8 weights {describe_max_rows(rows)}{dense}", module_bytes(m))
             elif name == "fp32-packed":
                 from r2r_serve.worker.prepack import prepack_linears
 
