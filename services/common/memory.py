@@ -1,0 +1,36 @@
+"""Resident memory after a model load.
+
+Loading a worker frees gigabytes of temporaries: the dtype conversions of a second copy of the weights,
+prepacking, int8 quantization's fp32 scratch. glibc keeps those pages mapped for reuse, so the process's
+resident memory stays far above what it holds (0.5B split worker on a 2-core EPYC: 4.18 GiB resident, 2.83
+GiB after a trim; with int8-weight 6.63 -> 4.23 GiB). One malloc_trim after the load gives them back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+
+def resident_gib() -> float | None:
+    """This process's resident set in GiB (Linux), else None."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the OS (glibc's malloc_trim); False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = libc.malloc_trim if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if trim is None:
+        return False
+    trim(0)
+    return True
