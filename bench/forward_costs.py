@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` imp
 from bench.machine import machine_description  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
-ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "bf16-int8w", "bf16-int8w8", "int8", "int8-nohead", "int8pc", "int8pc-nodown", "int8pc-mix",
-                "int8-bf16", "phase"]
+ALL_VARIANTS = ["fp32", "fp32-packed", "bf16", "bf16-int8w", "bf16-int8w8", "int8", "int8-nohead", "int8pc",
+                "int8pc-nodown", "int8pc-mix", "int8-bf16", "phase"]
 KS = [1, 2, 4, 8, 16, 32]
 
 # Code, as the default pair serves it; long enough for a 200-token past plus 32 new tokens.

@@ -24,13 +24,9 @@ def resident_gib() -> float | None:
 
 def release_free_heap() -> bool:
     """Return the heap's free pages to the OS (glibc's malloc_trim); False where there is no glibc."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = libc.malloc_trim if libc is not None else None
-    except (OSError, AttributeError):
-        return False
-    if trim is None:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # no libc found, or one without malloc_trim (musl, macOS)
         return False
     trim(0)
     return True

@@ -49,7 +49,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="int8-weight: int8 weights (per-channel scales), activations in --dtype (CPU; bf16 layers on "
                         "an AVX2-only CPU: every forward, else below 8 token rows, dense weights above; "
                         "decode steps ~1.1-1.5x cheaper, catch-ups up to 2.7x, "
-                        "top-1 drift about twice bf16's, memory 1.5x where the dense weights stay). int8: dynamic int8 linear layers (CPU and "
+                        "top-1 drift about twice bf16's, memory 1.5x where the dense weights stay). "
+                        "int8: dynamic int8 linear layers (CPU and "
                         "--dtype float32 only); 2-3x cheaper forwards but outputs drift far from the float model")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     add_server_tls_args(p)

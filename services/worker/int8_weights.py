@@ -63,16 +63,19 @@ class Int8WeightLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.dtype != self.scales.dtype and self.weight is None:
-            return self.forward(x.to(self.scales.dtype)).to(x.dtype)
-        if (self.max_rows is not None and rows >= self.max_rows) or x.dtype != self.scales.dtype:
+        if x.dtype != self.scales.dtype:  # the kernel takes activations in the scales' dtype only
+            if self.weight is None:
+                return self.forward(x.to(self.scales.dtype)).to(x.dtype)
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.max_rows is not None and rows >= self.max_rows:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features), self.qweight, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 {describe_max_rows(self.max_rows)}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int8 {describe_max_rows(self.max_rows)}")
 
 
 def int8_weights_available() -> bool:
