@@ -27,7 +27,9 @@ Writes bench/results/summary.json (schema in the README), summary.md, and two PN
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import json
 import os
 import statistics
 import sys
@@ -93,6 +95,17 @@ def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], va
     return runs
 
 
+def save_answers(out_dir: Path, plan: dict, result: runner.RunResult) -> Path:
+    """One finished run's answers, written the moment it finishes: a run over all 164 problems takes hours on
+    a CPU, and a failure late in it should not take the runs already done with it."""
+    path = out_dir / "answers" / f"{plan['name']}-{plan['target_share']:g}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = dict(plan, sessions=result.sessions, wall_s=result.wall_s,
+                  outcomes=[dataclasses.asdict(o) for o in result.outcomes])
+    path.write_text(json.dumps(record))
+    return path
+
+
 def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str | None]) -> dict:
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
     speed_requests = requests if args.quality_sessions == 1 else requests[: args.speed_problems]
@@ -123,6 +136,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 label = f"{plan['name']} share {plan['target_share']:g}"
                 quality = runner.run_requests(target, requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
                                               sessions=args.quality_sessions, progress=progress, label=label)
+                save_answers(Path(args.out), plan, quality)
                 one_session = args.quality_sessions == 1 or args.quality_only
                 speed, workers = (quality, None) if one_session else runner.timed_run(
                     services, target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens,

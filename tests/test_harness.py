@@ -122,3 +122,8 @@ def test_quality_only_run_answers_and_grades_without_timing(tmp_path, tiny_pair)
         assert len(r["passed_tasks"]) == round(3 * r["humaneval_pass1"])
     assert set(summary["paired"]) == {"slm@2", "r2r-entropy@" + format(summary["runs"][2]["threshold"], ".3g")}
     assert "2 sessions" in (out / "summary.md").read_text()
+    # each run's answers were saved as it finished, and they are the answers that were graded
+    saved = {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in (out / "answers").glob("*.json")}
+    assert set(saved) == {"slm", "llm", "r2r-entropy"}
+    for r in summary["runs"]:
+        assert sorted(o["key"] for o in saved[r["name"]]["outcomes"]) == sorted(f"HumanEval/{i}" for i in range(3))
