@@ -59,13 +59,16 @@ class CostTable:
 
     def at(self, k: float) -> float:
         ks = sorted(self.ms)
-        if k <= ks[0]:
-            return self.ms[ks[0]]
+        if k <= ks[0] or len(ks) == 1:
+            return self.ms[ks[0] if k <= ks[0] else ks[-1]]
         if k >= ks[-1]:
             a, b = ks[-2], ks[-1]
-        else:
-            i = bisect_left(ks, k)
-            a, b = ks[i - 1], ks[i]
+            # Past the last point never extrapolate downwards: a forward of more tokens costs no less. With
+            # one noisy repeat the last two points can fall, and a falling line goes negative for long prompts.
+            slope = max(0.0, (self.ms[b] - self.ms[a]) / (b - a))
+            return self.ms[b] + slope * (k - b)
+        i = bisect_left(ks, k)
+        a, b = ks[i - 1], ks[i]
         slope = (self.ms[b] - self.ms[a]) / (b - a)
         return self.ms[a] + slope * (k - a)
 

@@ -27,7 +27,6 @@ Writes bench/results/summary.json (schema in the README), summary.md, and two PN
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -42,7 +41,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from bench import components as comp  # noqa: E402
-from bench import humaneval, report, runner  # noqa: E402
+from bench import answers, humaneval, report, runner  # noqa: E402
 from bench.args import add_pair_args, resolve_auto_dtypes  # noqa: E402
 from bench.machine import machine_description  # noqa: E402
 
@@ -78,13 +77,15 @@ def coordinator_variants(args) -> dict[str, list[str]]:
     return variants
 
 
-def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], variants=()) -> list[dict]:
-    """Every run at every share; for each of `variants`, the first strategy also at the first share with that
-    coordinator variant (same router, same threshold: only the coordinator's scheduling differs)."""
+def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], variants=(),
+              baseline_shares: list[float] | None = None) -> list[dict]:
+    """The first strategy (the shipped router) at every share, the others (baseline routers) at every
+    `baseline_shares` (default: the same shares); for each of `variants`, the first strategy also at the first
+    share with that coordinator variant (same router, same threshold: only the coordinator's scheduling differs)."""
     runs = [dict(name="slm", strategy=None, threshold=2.0, target_share=0.0),
             dict(name="llm", strategy=None, threshold=0.0, target_share=1.0)]
-    for strategy, by_share in thresholds.items():
-        for share in shares:
+    for i, (strategy, by_share) in enumerate(thresholds.items()):
+        for share in shares if i == 0 or baseline_shares is None else baseline_shares:
             runs.append(dict(name=STRATEGY_RUN_NAMES[strategy], strategy=strategy, threshold=by_share[share],
                              target_share=share))
     if thresholds:
@@ -93,17 +94,6 @@ def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], va
             runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-{variant}", strategy=f"{strategy}{VARIANT}{variant}",
                              threshold=by_share[shares[0]], target_share=shares[0]))
     return runs
-
-
-def save_answers(out_dir: Path, plan: dict, result: runner.RunResult) -> Path:
-    """One finished run's answers, written the moment it finishes: a run over all 164 problems takes hours on
-    a CPU, and a failure late in it should not take the runs already done with it."""
-    path = out_dir / "answers" / f"{plan['name']}-{plan['target_share']:g}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = dict(plan, sessions=result.sessions, wall_s=result.wall_s,
-                  outcomes=[dataclasses.asdict(o) for o in result.outcomes])
-    path.write_text(json.dumps(record))
-    return path
 
 
 def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str | None]) -> dict:
@@ -124,19 +114,31 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
             for name, target in services.coordinators.items():
                 if VARIANT in name:
                     continue  # the same router as its strategy's: the same thresholds
-                c = runner.calibrate_thresholds(target, cal, args.shares,
-                                                max_tokens=args.calibration_max_tokens or args.max_tokens,
-                                                sessions=max(args.quality_sessions, 8), progress=progress,
-                                                label=f"calibrate {name}")
+                shares = sorted(set(args.shares) | set(args.baseline_shares or []))
+                cal_keys, cal_tokens = [r.key for r in cal], args.calibration_max_tokens or args.max_tokens
+                c = answers.load_calibration(args.out, name, shares, cal_keys, cal_tokens) if args.resume else None
+                if c is None:
+                    c = runner.calibrate_thresholds(target, cal, shares, max_tokens=cal_tokens,
+                                                    sessions=max(args.quality_sessions, 8), progress=progress,
+                                                    label=f"calibrate {name}")
+                    answers.save_calibration(args.out, name, c, cal_keys, cal_tokens)
+                else:
+                    console.print(f"calibration of {name}: resumed from {args.out}/answers")
                 thresholds[name] = c["thresholds"]
                 out["calibration"][name] = {f"{s:g}": t for s, t in c["thresholds"].items()} | {"positions": c["positions"]}
             first = next(iter(services.coordinators))
-            for plan in plan_runs(thresholds, args.shares, variants):
+            for plan in plan_runs(thresholds, args.shares, variants, args.baseline_shares):
                 target = services.coordinators[plan["strategy"] or first]
                 label = f"{plan['name']} share {plan['target_share']:g}"
-                quality = runner.run_requests(target, requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
-                                              sessions=args.quality_sessions, progress=progress, label=label)
-                save_answers(Path(args.out), plan, quality)
+                keys = [r.key for r in requests]
+                quality = answers.load_run(args.out, plan, keys, args.max_tokens) if args.resume else None
+                if quality is None:
+                    quality = runner.run_requests(target, requests, threshold=plan["threshold"],
+                                                  max_tokens=args.max_tokens, sessions=args.quality_sessions,
+                                                  progress=progress, label=label)
+                    answers.save_run(args.out, plan, quality, args.max_tokens)
+                else:
+                    console.print(f"{label}: resumed from {answers.run_path(args.out, plan)}")
                 one_session = args.quality_sessions == 1 or args.quality_only
                 speed, workers = (quality, None) if one_session else runner.timed_run(
                     services, target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
@@ -149,11 +151,11 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
             for plan in sweep_plans:
                 for sessions in args.sweep:
                     target = services.coordinators[plan["strategy"] or first]
-                    r = runner.run_requests(target, sweep_prompts[: sessions * args.sweep_rounds],
-                                            threshold=plan["threshold"], max_tokens=args.sweep_max_tokens,
-                                            sessions=sessions, progress=progress,
-                                            label=f"sweep {plan['name']} x{sessions}")
-                    out["sweep"].append(dict(plan, sessions=sessions, result=r))
+                    r, workers = runner.timed_run(services, target, sweep_prompts[: sessions * args.sweep_rounds],
+                                                  threshold=plan["threshold"], max_tokens=args.sweep_max_tokens,
+                                                  sessions=sessions, progress=progress,
+                                                  label=f"sweep {plan['name']} x{sessions}")
+                    out["sweep"].append(dict(plan, sessions=sessions, result=r, workers=workers))
     finally:
         services.stop()
     return out
@@ -275,6 +277,7 @@ def main(argv=None) -> int:
     for s in served["sweep"]:
         res = s["result"]
         runs.append(run_entry(s["name"], s["threshold"], s["sessions"], res, None, None, sweep=True,
+                              workers_forward=s["workers"],
                               target_share=s["target_share"], router=s["strategy"]))
     primary = "r2r" if checkpoint else STRATEGY_RUN_NAMES.get(next(iter(strategies), ""), "r2r")
     neural = [r for r in runs if r["name"] == primary and r.get("measured_over_ideal") and not r.get("sweep")]
@@ -309,6 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baselines", default="entropy,random", help="baseline routers to compare")
     p.add_argument("--limit", type=int, default=None, help="first N HumanEval problems (default: all 164)")
     p.add_argument("--shares", type=_floats, default=[0.1, 0.2], help="target LLM shares, e.g. 0.05,0.1,0.2")
+    p.add_argument("--baseline-shares", type=_floats, default=None,
+                   help="the baseline routers' target shares (default: --shares), to run them at fewer points")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--quality-sessions", type=int, default=1,
                    help="concurrent sessions for the quality pass (>1: faster, and speed is measured separately)")
@@ -330,6 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quality-only", action="store_true",
                    help="answers and grades only, at --quality-sessions: no 1-session timing, sweep, assisted "
                         "generation or component timing (tok/s then comes from the concurrent quality runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the calibration and the runs already saved under <out>/answers/ when they are the "
+                        "same runs (router, threshold, share, problems, --max-tokens); run only what is missing")
     p.add_argument("--component-context", type=int, default=256)
     p.add_argument("--component-max-tokens", type=int, default=512)
     p.add_argument("--component-repeats", type=int, default=5)

@@ -53,11 +53,28 @@ def markdown_table(summary: dict) -> str:
                      f"{_fmt(r.get('measured_over_ideal'))} | {_pct(r.get('service_overhead'))} |")
     sweep = [r for r in summary["runs"] if r.get("sweep")]
     if sweep:
-        lines += ["", "| run | sessions | aggregate tok/s | per-request tok/s (median) | LLM share |", "|---|---|---|---|---|"]
+        lines += ["", "| run | sessions | aggregate tok/s | per-request tok/s (median) | LLM share | "
+                  "where the time goes (workers' forward seconds / wall) |", "|---|---|---|---|---|---|"]
         for r in sweep:
             lines.append(f"| {r['name']} | {r['sessions']} | {r['aggregate_tokens_per_s']:.2f} | "
-                         f"{r['tokens_per_s']:.2f} | {100 * r['llm_share']:.1f}% |")
+                         f"{r['tokens_per_s']:.2f} | {100 * r['llm_share']:.1f}% | {time_split(r.get('workers_forward'))} |")
     return "\n".join(lines) + "\n"
+
+
+def time_split(workers: dict | None) -> str:
+    """A run's wall time and each worker pool's forward seconds in it, by kind: "wall 40.1 s; SLM 30.2
+    (decode 28.9, prefill 1.3); LLM 21.0 (prefill 12.5, catch-up 8.5)". On shared cores the two pools' seconds
+    can add up to more than the wall time (they overlap)."""
+    if not workers or "by_kind" not in workers:
+        return "–"
+    parts = [f"wall {workers['wall_s']:.1f} s"]
+    for role in ("slm", "llm"):
+        kinds = workers["by_kind"][role]
+        named = [(label, kinds[key]) for key, label in (("decode_s", "decode"), ("prefill_s", "prefill"),
+                                                        ("extend_s", "catch-up")) if kinds[key] >= 0.05]
+        inner = f" ({', '.join(f'{label} {v:.1f}' for label, v in named)})" if named else ""
+        parts.append(f"{role.upper()} {workers[f'{role}_s']:.1f}{inner}")
+    return "; ".join(parts)
 
 
 def write(summary: dict, out_dir: Path, console: Console) -> None:

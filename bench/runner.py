@@ -150,21 +150,23 @@ def run_requests(target: str, requests: list[Request], *, threshold: float, max_
                             progress, label))
 
 
-async def _forward_s(endpoints: list[str]) -> float:
+async def _forward_s(endpoints: list[str]) -> dict[str, float]:
     import grpc
 
     from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 
-    total = 0.0
+    total = dict.fromkeys(("forward", "prefill", "decode"), 0.0)
     for ep in endpoints:
         async with grpc.aio.insecure_channel(ep) as channel:
             load = await worker_pb2_grpc.ModelWorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10.0)
-            total += load.forward_s
+            for kind in total:
+                total[kind] += getattr(load, f"{kind}_s")
     return total
 
 
-def workers_forward_s(services: Services) -> dict[str, float]:
-    """Seconds each pool's workers have spent in forward passes so far (summed over replicas)."""
+def workers_forward_s(services: Services) -> dict[str, dict[str, float]]:
+    """Seconds each pool's workers have spent in forward passes so far, in all and by kind (summed over
+    replicas): {"slm": {"forward": s, "prefill": s, "decode": s}, "llm": {...}}."""
     return {role: asyncio.run(_forward_s([e for e in endpoints.split(",") if e]))
             for role, endpoints in (("slm", services.slm), ("llm", services.llm))}
 
@@ -176,9 +178,14 @@ def timed_run(services: Services, target: str, requests: list[Request], **kw) ->
     before = workers_forward_s(services)
     result = run_requests(target, requests, **kw)
     after = workers_forward_s(services)
-    busy = {f"{role}_s": round(after[role] - before[role], 3) for role in after}
+    busy = {f"{role}_s": round(after[role]["forward"] - before[role]["forward"], 3) for role in after}
     share = sum(busy.values()) / result.wall_s if result.wall_s > 0 else None
-    return result, dict(busy, wall_s=round(result.wall_s, 3), workers_share=share)
+    kinds = {}
+    for role in after:
+        spent = {k: after[role][k] - before[role][k] for k in after[role]}
+        kinds[role] = {"prefill_s": round(spent["prefill"], 3), "decode_s": round(spent["decode"], 3),
+                       "extend_s": round(spent["forward"] - spent["prefill"] - spent["decode"], 3)}
+    return result, dict(busy, wall_s=round(result.wall_s, 3), workers_share=share, by_kind=kinds)
 
 
 def warm_up(target: str, thresholds: list[float]) -> None:

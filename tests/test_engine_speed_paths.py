@@ -15,7 +15,7 @@ import torch
 
 from conftest import worker_config
 from r2r_serve.common.tensors import from_proto
-from r2r_serve.worker.engine import ExtendWork, ModelEngine
+from r2r_serve.worker.engine import ExtendWork, ModelEngine, forward_kind
 from r2r_serve.worker.sampling import Sampling
 
 PROMPTS = [
@@ -184,3 +184,19 @@ def test_eviction_frees_group_rows(tiny_pair):
     pair.step(1, 4)
     pair.step(1, 4)
     assert all(g.live == g.rows for g in fast._groups)
+
+
+def test_forward_seconds_are_split_by_kind(tiny_pair):
+    """GetLoad's prefill_s / decode_s (the harness's "where the time goes"): a session's first forward is a
+    prefill, one new token per row a decode step, several an extend; together they are forward_s."""
+    engine = _engine(tiny_pair, True)
+    assert forward_kind([0, 5], [3, 1]) == "prefill"  # one row starts a session: the forward is a prefill
+    assert forward_kind([4, 5], [1, 1]) == "decode" and forward_kind([4, 5], [1, 2]) == "extend"
+    spent = []
+    for works in ([ExtendWork("a", 0, PROMPTS[0])], [ExtendWork("a", 12, [3])], [ExtendWork("a", 13, [4, 5, 6])]):
+        before = dict(engine.forward_s_by_kind)
+        engine.extend(works)
+        spent.append({k: engine.forward_s_by_kind[k] - before[k] for k in before})
+    for kind, delta in zip(("prefill", "decode", "extend"), spent):
+        assert delta[kind] > 0 and sum(v for k, v in delta.items() if k != kind) == 0, (kind, delta)
+    assert sum(engine.forward_s_by_kind.values()) == pytest.approx(engine.forward_s)

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import components as comp  # noqa: E402
-from bench import harness, report  # noqa: E402
+from bench import answers, harness, report, runner  # noqa: E402
 from bench.harness import main as harness_main  # noqa: E402
 
 RUN_KEYS = {"name": str, "sessions": int, "tokens_per_s": float, "aggregate_tokens_per_s": float,
@@ -28,6 +28,14 @@ def test_cost_table_interpolates_and_extrapolates():
     assert t.at(1) == 10.0 and t.at(0.5) == 10.0
     assert t.at(5) == pytest.approx(35.0)
     assert t.at(14) == pytest.approx(80.0)  # past the last point: the last segment's slope
+
+
+def test_cost_table_never_extrapolates_downwards():
+    # One noisy repeat can time 32 tokens cheaper than 16: a long prompt must not cost less (or below zero).
+    t = table(k1=5.0, k16=9.0, k32=8.0)
+    assert t.at(24) == pytest.approx(8.5)  # between points: as measured
+    assert t.at(32) == 8.0 and t.at(500) == 8.0
+    assert table(k4=3.0).at(100) == 3.0  # one point: flat
 
 
 def components(router_ms=1.0) -> comp.Components:
@@ -92,10 +100,37 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     assert all(r["problems"] == 3 for r in quality.values())
     sweep = sorted(r["sessions"] for r in summary["runs"] if r.get("sweep") and r["name"] == "llm")
     assert sweep == [1, 2]
+    # Where the sweep's time goes: every request's prompt is a prefill on the pool that serves it, its
+    # other tokens are decode steps; the other pool does nothing.
+    for r in (r for r in summary["runs"] if r.get("sweep") and r["name"] in ("slm", "llm")):
+        kinds = r["workers_forward"]["by_kind"]
+        busy, idle = ("slm", "llm") if r["name"] == "slm" else ("llm", "slm")
+        assert kinds[busy]["prefill_s"] > 0 and kinds[busy]["decode_s"] > 0, (r["name"], kinds)
+        assert sum(kinds[idle].values()) == 0, (r["name"], kinds)
+        assert abs(sum(kinds[busy].values()) - r["workers_forward"][f"{busy}_s"]) < 0.01
+    assert "wall " in (out / "summary.md").read_text().split("| run | sessions |")[1]
     assert summary["r2r_measured_over_ideal"] > 0
     assert (out / "summary.md").read_text().startswith("| run |")
     for png in ("quality_vs_share.png", "quality_vs_speed.png"):
         assert (out / png).stat().st_size > 5000
+
+
+def test_time_split_names_each_pools_seconds_by_kind():
+    workers = {"slm_s": 30.2, "llm_s": 21.0, "wall_s": 40.1,
+               "by_kind": {"slm": {"prefill_s": 1.3, "decode_s": 28.9, "extend_s": 0.0},
+                           "llm": {"prefill_s": 12.5, "decode_s": 0.0, "extend_s": 8.5}}}
+    assert report.time_split(workers) == ("wall 40.1 s; SLM 30.2 (decode 28.9, prefill 1.3); "
+                                          "LLM 21.0 (prefill 12.5, catch-up 8.5)")
+    assert report.time_split(None) == "–"
+
+
+def test_baseline_routers_can_run_at_fewer_shares_than_the_shipped_one():
+    thresholds = {"neural": {0.1: 0.5, 0.2: 0.4}, "entropy": {0.1: 0.03, 0.2: 0.02}}
+    plans = harness.plan_runs(thresholds, [0.1, 0.2], baseline_shares=[0.1])
+    assert [(p["name"], p["target_share"]) for p in plans] == [
+        ("slm", 0.0), ("llm", 1.0), ("r2r", 0.1), ("r2r", 0.2), ("r2r-entropy", 0.1)]
+    assert plans[-1]["threshold"] == 0.03
+    assert len(harness.plan_runs(thresholds, [0.1, 0.2])) == 6  # by default every router at every share
 
 
 def test_paired_differences_name_the_problems_that_changed_hands():
@@ -123,7 +158,51 @@ def test_quality_only_run_answers_and_grades_without_timing(tmp_path, tiny_pair)
     assert set(summary["paired"]) == {"slm@2", "r2r-entropy@" + format(summary["runs"][2]["threshold"], ".3g")}
     assert "2 sessions" in (out / "summary.md").read_text()
     # each run's answers were saved as it finished, and they are the answers that were graded
-    saved = {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in (out / "answers").glob("*.json")}
+    files = {f.name: f for f in (out / "answers").glob("*.json")}
+    saved = {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for n, f in files.items()
+             if n != answers.CALIBRATION}
     assert set(saved) == {"slm", "llm", "r2r-entropy"}
     for r in summary["runs"]:
         assert sorted(o["key"] for o in saved[r["name"]]["outcomes"]) == sorted(f"HumanEval/{i}" for i in range(3))
+
+    # --resume: the saved SLM run and calibration are reused, the LLM run saved with another token budget and
+    # the deleted entropy run are run again. Markers tell reused from rerun: the SLM's wall time, a threshold.
+    slm_file, llm_file = files["slm-0.json"], files["llm-1.json"]
+    slm_record = json.loads(slm_file.read_text()) | {"wall_s": 1234.5}
+    slm_file.write_text(json.dumps(slm_record))
+    llm_file.write_text(json.dumps(json.loads(llm_file.read_text()) | {"max_tokens": 99, "wall_s": 1234.5}))
+    files["r2r-entropy-0.2.json"].unlink()
+    cal = json.loads(files[answers.CALIBRATION].read_text())
+    cal["entropy"]["thresholds"]["0.2"] = 0.987
+    files[answers.CALIBRATION].write_text(json.dumps(cal))
+    rc = harness_main(["--tiny", str(tiny_dir), "--limit", "3", "--max-tokens", "10", "--shares", "0.2",
+                       "--quality-sessions", "2", "--calibration-prompts", "2", "--calibration-max-tokens", "8",
+                       "--baselines", "entropy", "--no-compare-lookahead", "--prefetch-min-tokens", "0",
+                       "--quality-only", "--grade-workers", "2", "--out", str(out), "--resume"])
+    assert rc == 0
+    resumed = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    slm_tokens = sum(o["completion_tokens"] for o in slm_record["outcomes"])
+    assert resumed["slm"]["aggregate_tokens_per_s"] == pytest.approx(slm_tokens / 1234.5)
+    llm_again = json.loads(llm_file.read_text())
+    assert llm_again["max_tokens"] == 10 and llm_again["wall_s"] != 1234.5, "a run with another budget was reused"
+    assert resumed["r2r-entropy"]["threshold"] == 0.987 and files["r2r-entropy-0.2.json"].exists()
+
+
+def test_saved_runs_are_reused_only_when_they_are_the_planned_run(tmp_path):
+    plan = dict(name="r2r", strategy="neural", threshold=0.47, target_share=0.1)
+    outcome = runner.Outcome(key="HumanEval/0", text="x", sources=["slm", "llm"], probabilities=[0.1, 0.9],
+                             prompt_tokens=5, completion_tokens=2, llm_share=0.5, ttft_s=0.1, total_s=0.3,
+                             tokens_per_s=6.7, finish="eos")
+    answers.save_run(tmp_path, plan, runner.RunResult([outcome], 12.0, 4), max_tokens=64)
+    back = answers.load_run(tmp_path, plan, ["HumanEval/0"], 64)
+    assert back.outcomes == [outcome] and back.wall_s == 12.0 and back.sessions == 4
+    assert answers.load_run(tmp_path, plan | {"threshold": 0.48}, ["HumanEval/0"], 64) is None
+    assert answers.load_run(tmp_path, plan, ["HumanEval/0", "HumanEval/1"], 64) is None
+    assert answers.load_run(tmp_path, plan, ["HumanEval/0"], 128) is None
+    assert answers.load_run(tmp_path, plan | {"target_share": 0.2}, ["HumanEval/0"], 64) is None
+    answers.save_calibration(tmp_path, "neural", {"thresholds": {0.1: 0.47, 0.05: 0.6}, "positions": 900}, ["a"], 64)
+    assert answers.load_calibration(tmp_path, "neural", [0.05, 0.1], ["a"], 64) == {
+        "thresholds": {0.05: 0.6, 0.1: 0.47}, "positions": 900}
+    assert answers.load_calibration(tmp_path, "neural", [0.2], ["a"], 64) is None  # a share not calibrated
+    assert answers.load_calibration(tmp_path, "neural", [0.1], ["b"], 64) is None
+    assert answers.load_calibration(tmp_path, "entropy", [0.1], ["a"], 64) is None

@@ -122,20 +122,24 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("active_sessions", "held_tokens", "batches", "evictions", "inflight_items", "forward_s")
+    __slots__ = ("active_sessions", "held_tokens", "batches", "evictions", "inflight_items", "forward_s", "prefill_s", "decode_s")
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_ITEMS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
     active_sessions: int
     held_tokens: int
     batches: int
     evictions: int
     inflight_items: int
     forward_s: float
-    def __init__(self, active_sessions: _Optional[int] = ..., held_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., evictions: _Optional[int] = ..., inflight_items: _Optional[int] = ..., forward_s: _Optional[float] = ...) -> None: ...
+    prefill_s: float
+    decode_s: float
+    def __init__(self, active_sessions: _Optional[int] = ..., held_tokens: _Optional[int] = ..., batches: _Optional[int] = ..., evictions: _Optional[int] = ..., inflight_items: _Optional[int] = ..., forward_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()

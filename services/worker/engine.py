@@ -152,6 +152,17 @@ def quantize_model(model: torch.nn.Module, quantize: str) -> int:
 RELEASED_MEMORY = 65536  # released session ids remembered (refused if they come back)
 
 
+FORWARD_KINDS = ("prefill", "decode", "extend")
+
+
+def forward_kind(start_lengths: list[int], new_tokens: list[int]) -> str:
+    """`prefill` when any row starts a session (its prompt, or an LLM's first catch-up over prompt and answer so
+    far), `decode` when every row adds one token, `extend` otherwise (catch-ups, verify passes)."""
+    if any(n == 0 for n in start_lengths):
+        return "prefill"
+    return "decode" if all(k == 1 for k in new_tokens) else "extend"
+
+
 class ModelEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -160,6 +171,8 @@ class ModelEngine:
         self.kv: KVStore | None = None
         self.batches = 0
         self.forward_s = 0.0  # summed over every forward (GetLoad reports it)
+        # The same seconds by kind of forward (forward_kind): where a worker's time goes under load.
+        self.forward_s_by_kind = dict.fromkeys(FORWARD_KINDS, 0.0)
         self.last_forward_ms = 0.0
         # Set to a dict to accumulate seconds per phase of each forward (bench/engine_step.py); None = off.
         # On CUDA every mark synchronizes the device, so only benchmarks should turn it on.
@@ -417,6 +430,7 @@ class ModelEngine:
         started = time.perf_counter()
         self._mark(None)
         chunks = [works[i].tokens for i in chunk]
+        kind = forward_kind([s.length for s in sessions], [len(c) for c in chunks])
         weights = self._weights_for(len(chunks) * max(len(c) for c in chunks))
         hidden = self._forward(sessions, chunks, weights)
         logits = weights.lm_head(hidden)
@@ -434,6 +448,7 @@ class ModelEngine:
         elapsed = time.perf_counter() - started
         self.last_forward_ms = elapsed * 1000
         self.forward_s += elapsed
+        self.forward_s_by_kind[kind] += elapsed
         self._metrics.forward(len(chunk), sum(len(works[i].tokens) for i in chunk), elapsed)
         for j, i in enumerate(chunk):
             outcomes[i] = ExtendOutcome(works[i].session_id, OK, sessions[j].length, token=tokens[j],

@@ -113,7 +113,9 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
         kv = self.engine.kv
         return worker_pb2.WorkerLoad(active_sessions=len(kv), held_tokens=kv.held_tokens,
                                      batches=self.engine.batches, evictions=kv.evictions,
-                                     inflight_items=self.batcher.inflight_items, forward_s=self.engine.forward_s)
+                                     inflight_items=self.batcher.inflight_items, forward_s=self.engine.forward_s,
+                                     prefill_s=self.engine.forward_s_by_kind["prefill"],
+                                     decode_s=self.engine.forward_s_by_kind["decode"])
 
     async def GetTokenizer(self, request, context):
         return worker_pb2.TokenizerFiles(files=self.engine.tokenizer_files, fingerprint=self.engine.fingerprint)
