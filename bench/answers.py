@@ -10,10 +10,12 @@ now (same router, threshold, target share, problems and token budget); anything 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 from pathlib import Path
 
 from bench import runner
+from bench.machine import machine_description
 
 CALIBRATION = "calibration.json"
 
@@ -22,18 +24,20 @@ def run_path(out_dir: Path, plan: dict) -> Path:
     return Path(out_dir) / "answers" / f"{plan['name']}-{plan['target_share']:g}.json"
 
 
-def save_run(out_dir: Path, plan: dict, result: runner.RunResult, max_tokens: int) -> Path:
+def save_run(out_dir: Path, plan: dict, result: runner.RunResult, max_tokens: int, device: str = "cpu") -> Path:
     path = run_path(out_dir, plan)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = dict(plan, sessions=result.sessions, wall_s=result.wall_s, max_tokens=max_tokens,
+                  machine=machine_description(device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   outcomes=[dataclasses.asdict(o) for o in result.outcomes])
     path.write_text(json.dumps(record))
     return path
 
 
-def load_run(out_dir: Path, plan: dict, keys: list[str], max_tokens: int) -> runner.RunResult | None:
-    """The saved result of `plan` over `keys`, or None when there is none or it is not the same run.
-    Records written before max_tokens was saved are taken at their word on it."""
+def load_run(out_dir: Path, plan: dict, keys: list[str], max_tokens: int, device: str = "cpu") -> runner.RunResult | None:
+    """The saved result of `plan` over `keys`, or None when there is none or it is not the same run. A run from
+    another machine is not the same run (its speed and its bf16 rounding differ). Records written before
+    max_tokens and the machine were saved are taken at their word on them."""
     path = run_path(out_dir, plan)
     if not path.exists():
         return None
@@ -41,7 +45,8 @@ def load_run(out_dir: Path, plan: dict, keys: list[str], max_tokens: int) -> run
     same_plan = all(record.get(k) == plan[k] for k in ("name", "strategy", "target_share")) and \
         _same_threshold(record.get("threshold"), plan["threshold"])
     same_work = [o["key"] for o in record["outcomes"]] == list(keys) and record.get("max_tokens", max_tokens) == max_tokens
-    if not (same_plan and same_work):
+    here = machine_description(device)
+    if not (same_plan and same_work and record.get("machine", here) == here):
         return None
     outcomes = [runner.Outcome(**o) for o in record["outcomes"]]
     return runner.RunResult(outcomes, record["wall_s"], record["sessions"])

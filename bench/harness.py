@@ -131,12 +131,14 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 target = services.coordinators[plan["strategy"] or first]
                 label = f"{plan['name']} share {plan['target_share']:g}"
                 keys = [r.key for r in requests]
-                quality = answers.load_run(args.out, plan, keys, args.max_tokens) if args.resume else None
+                quality = None
+                if args.resume:
+                    quality = answers.load_run(args.out, plan, keys, args.max_tokens, args.device)
                 if quality is None:
                     quality = runner.run_requests(target, requests, threshold=plan["threshold"],
                                                   max_tokens=args.max_tokens, sessions=args.quality_sessions,
                                                   progress=progress, label=label)
-                    answers.save_run(args.out, plan, quality, args.max_tokens)
+                    answers.save_run(args.out, plan, quality, args.max_tokens, args.device)
                 else:
                     console.print(f"{label}: resumed from {answers.run_path(args.out, plan)}")
                 one_session = args.quality_sessions == 1 or args.quality_only

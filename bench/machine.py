@@ -16,9 +16,22 @@ def machine_description(device: str = "cpu") -> str:
                 break
     except OSError:
         pass
-    desc = f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
+    desc = f"{platform.machine()} {cpu} ({instruction_set()}), {os.cpu_count()} cores"
     if device.startswith("cuda"):
         import torch
 
         desc = f"{torch.cuda.get_device_name(0)} + {desc}"
     return desc
+
+
+def instruction_set() -> str:
+    """The widest matrix/vector level of this CPU: one model name ("Intel Xeon Processor @ 2.60GHz") covers
+    VMs with and without AMX, and which of them ran a benchmark decides its speed and its bf16 numerics."""
+    from r2r_serve.common.cpu import cpu_flags
+
+    flags = cpu_flags()
+    for level, needs in (("AMX", {"amx_bf16"}), ("AVX512-BF16", {"avx512_bf16"}), ("AVX512", {"avx512f"}),
+                         ("AVX2", {"avx2"})):
+        if needs <= flags:
+            return level
+    return "no AVX2"

@@ -206,3 +206,29 @@ def test_saved_runs_are_reused_only_when_they_are_the_planned_run(tmp_path):
     assert answers.load_calibration(tmp_path, "neural", [0.2], ["a"], 64) is None  # a share not calibrated
     assert answers.load_calibration(tmp_path, "neural", [0.1], ["b"], 64) is None
     assert answers.load_calibration(tmp_path, "entropy", [0.1], ["a"], 64) is None
+
+
+def test_grade_scores_saved_answers_files(tmp_path):
+    """bench.grade: saved answers graded by the sandboxed HumanEval check, paired with the LLM's run."""
+    from bench import grade, humaneval
+
+    p0, p1 = humaneval.load_problems(2)
+    right = lambda p: f"```python\n{p.prompt}{p.canonical_solution}```"  # noqa: E731
+    wrong = lambda p: f"```python\ndef {p.entry_point}(*args):\n    return None\n```"  # noqa: E731
+
+    def saved(name, threshold, texts, sources):
+        outcomes = [runner.Outcome(key=p.task_id, text=t, sources=sources, probabilities=[], prompt_tokens=9,
+                                   completion_tokens=len(sources), llm_share=0.0, ttft_s=0.1, total_s=1.0,
+                                   tokens_per_s=1.0, finish="eos") for p, t in zip((p0, p1), texts)]
+        plan = dict(name=name, strategy=None, threshold=threshold, target_share=threshold and 1.0)
+        return answers.save_run(tmp_path, plan, runner.RunResult(outcomes, 4.0, 2), max_tokens=64)
+
+    llm = saved("llm", 0.0, [right(p0), right(p1)], ["llm", "llm"])
+    slm = saved("slm", 2.0, [wrong(p0), right(p1)], ["slm", "slm", "slm", "slm"])
+    assert grade.main([str(llm), str(slm), "--workers", "2", "--json", str(tmp_path / "graded.json")]) == 0
+    graded = json.loads((tmp_path / "graded.json").read_text())
+    by_name = {r["name"]: r for r in graded["runs"]}
+    assert by_name["llm"]["humaneval_pass1"] == 1.0 and by_name["llm"]["llm_share"] == 1.0
+    assert by_name["slm"]["humaneval_pass1"] == 0.5 and by_name["slm"]["passed_tasks"] == [p1.task_id]
+    assert by_name["slm"]["aggregate_tokens_per_s"] == 2.0  # 8 tokens in 4 s
+    assert graded["paired"] == {"slm@2": {"only_llm_passes": [p0.task_id], "only_this_passes": []}}
