@@ -78,10 +78,12 @@ def coordinator_variants(args) -> dict[str, list[str]]:
 
 
 def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], variants=(),
-              baseline_shares: list[float] | None = None) -> list[dict]:
+              baseline_shares: list[float] | None = None, rollbacks: list[float] = ()) -> list[dict]:
     """The first strategy (the shipped router) at every share, the others (baseline routers) at every
     `baseline_shares` (default: the same shares); for each of `variants`, the first strategy also at the first
-    share with that coordinator variant (same router, same threshold: only the coordinator's scheduling differs)."""
+    share with that coordinator variant (same router, same threshold: only the coordinator's scheduling differs);
+    for each of `rollbacks`, the first strategy at the first share in verify mode (a request parameter:
+    the same coordinator, router and threshold)."""
     runs = [dict(name="slm", strategy=None, threshold=2.0, target_share=0.0),
             dict(name="llm", strategy=None, threshold=0.0, target_share=1.0)]
     for i, (strategy, by_share) in enumerate(thresholds.items()):
@@ -93,6 +95,9 @@ def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], va
         for variant in variants:
             runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-{variant}", strategy=f"{strategy}{VARIANT}{variant}",
                              threshold=by_share[shares[0]], target_share=shares[0]))
+        for below in rollbacks:
+            runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-verify-{below:g}", strategy=strategy,
+                             threshold=by_share[shares[0]], target_share=shares[0], rollback_below=below))
     return runs
 
 
@@ -127,7 +132,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 thresholds[name] = c["thresholds"]
                 out["calibration"][name] = {f"{s:g}": t for s, t in c["thresholds"].items()} | {"positions": c["positions"]}
             first = next(iter(services.coordinators))
-            for plan in plan_runs(thresholds, args.shares, variants, args.baseline_shares):
+            for plan in plan_runs(thresholds, args.shares, variants, args.baseline_shares, args.rollback_below):
                 target = services.coordinators[plan["strategy"] or first]
                 label = f"{plan['name']} share {plan['target_share']:g}"
                 keys = [r.key for r in requests]
@@ -137,13 +142,15 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                 if quality is None:
                     quality = runner.run_requests(target, requests, threshold=plan["threshold"],
                                                   max_tokens=args.max_tokens, sessions=args.quality_sessions,
-                                                  progress=progress, label=label)
+                                                  progress=progress, label=label,
+                                                  rollback_below=plan.get("rollback_below"))
                     answers.save_run(args.out, plan, quality, args.max_tokens, args.device)
                 else:
                     console.print(f"{label}: resumed from {answers.run_path(args.out, plan)}")
                 one_session = args.quality_sessions == 1 or args.quality_only
                 speed, workers = (quality, None) if one_session else runner.timed_run(
                     services, target, speed_requests, threshold=plan["threshold"], max_tokens=args.max_tokens,
+                    rollback_below=plan.get("rollback_below"),
                     sessions=1, progress=progress, label=f"{label} (speed, 1 session)")
                 out["runs"].append(dict(plan, quality=quality, speed=speed, workers=workers))
             sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], variants) if p["name"] in args.sweep_runs]
@@ -267,10 +274,13 @@ def main(argv=None) -> int:
     for r in served["runs"]:
         graded = grade(problems, r["quality"], args.grade_workers)
         mode = "r2r" if r["strategy"] else r["name"]
-        ideal = ideal_report(r["speed"], mode, components) if components else {}
+        # The ideal bound replays provenance; verify mode's rollbacks and tail passes are not in it.
+        ideal = ideal_report(r["speed"], mode, components) if components and not r.get("rollback_below") else {}
         workers = r["workers"]
         runs.append(run_entry(r["name"], r["threshold"], speed_sessions, r["speed"], r["quality"], graded,
                               target_share=r["target_share"], router=r["strategy"], quality_sessions=args.quality_sessions,
+                              rollback_below=r.get("rollback_below"),
+                              rollbacks=sum(o.rollbacks for o in r["quality"].outcomes),
                               workers_forward=workers,
                               service_overhead=1 - workers["workers_share"] if workers else None, **ideal))
     if assisted_result:
@@ -333,6 +343,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the shipped router at the first share with the coordinator's --no-lookahead "
                         "(run r2r-nolookahead): what sending each next extend early buys")
+    p.add_argument("--rollback-below", type=_floats, default=[0.05], metavar="P[,P...]",
+                   help="also run the shipped router at the first share in verify mode with each of these "
+                        "rollback_below values (run r2r-verify-P: the LLM rolls back SLM tokens it gives P < this); "
+                        "'' = skip")
     p.add_argument("--skip-assisted", action="store_true")
     p.add_argument("--quality-only", action="store_true",
                    help="answers and grades only, at --quality-sessions: no 1-session timing, sweep, assisted "

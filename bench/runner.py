@@ -36,6 +36,7 @@ class Outcome:
     total_s: float
     tokens_per_s: float
     finish: str
+    rollbacks: int = 0  # verify mode
 
     @property
     def itl_s(self) -> float:
@@ -107,18 +108,20 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
     return services
 
 
-async def _one(client, req: Request, threshold: float, max_tokens: int, stop: list[str]) -> Outcome:
-    r = await client.generate(req.messages, max_tokens=max_tokens, threshold=threshold, stop=stop)
+async def _one(client, req: Request, threshold: float, max_tokens: int, stop: list[str],
+               rollback_below: float | None = None) -> Outcome:
+    r = await client.generate(req.messages, max_tokens=max_tokens, threshold=threshold, stop=stop,
+                              rollback_below=rollback_below)
     s = r.stats
     return Outcome(key=req.key, text=r.text, sources=r.sources,
                    probabilities=[t.router_probability if t.router_probability is not None else -1.0 for t in r.tokens],
                    prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens, llm_share=s.llm_share,
                    ttft_s=s.time_to_first_token_s, total_s=s.total_s, tokens_per_s=s.tokens_per_s,
-                   finish=s.finish_reason)
+                   finish=s.finish_reason, rollbacks=s.rollbacks)
 
 
 async def _run(target: str, requests: list[Request], threshold: float, max_tokens: int, sessions: int,
-               stop: list[str], progress: Progress | None, label: str) -> RunResult:
+               stop: list[str], progress: Progress | None, label: str, rollback_below: float | None = None) -> RunResult:
     """Keep `sessions` requests in flight until all are done (a closed loop, like a fixed pool of users)."""
     from r2r_client import AsyncR2RClient
 
@@ -131,7 +134,7 @@ async def _run(target: str, requests: list[Request], threshold: float, max_token
     async def user(client):
         while not queue.empty():
             req = queue.get_nowait()
-            outcomes.append(await _one(client, req, threshold, max_tokens, stop))
+            outcomes.append(await _one(client, req, threshold, max_tokens, stop, rollback_below))
             if progress:
                 progress.advance(task)
 
@@ -145,9 +148,11 @@ async def _run(target: str, requests: list[Request], threshold: float, max_token
 
 
 def run_requests(target: str, requests: list[Request], *, threshold: float, max_tokens: int, sessions: int = 1,
-                 stop: list[str] | None = None, progress: Progress | None = None, label: str = "") -> RunResult:
+                 stop: list[str] | None = None, progress: Progress | None = None, label: str = "",
+                 rollback_below: float | None = None) -> RunResult:
+    """`rollback_below`: verify mode (coordinator.proto's GenerateRequest.rollback_below); None = off."""
     return asyncio.run(_run(target, requests, threshold, max_tokens, sessions, STOP if stop is None else stop,
-                            progress, label))
+                            progress, label, rollback_below))
 
 
 async def _forward_s(endpoints: list[str]) -> dict[str, float]:

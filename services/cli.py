@@ -221,7 +221,8 @@ def _generate(target: str, prompt: str, args, token: str | None = None, tls=None
     mark_llm = args.color == "never" or not console.is_terminal
     messages = prompt if args.raw else [{"role": "user", "content": prompt}]
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  seed=args.seed, stop=args.stop or (), threshold=args.threshold, llm_share=args.llm_share)
+                  seed=args.seed, stop=args.stop or (), threshold=args.threshold, llm_share=args.llm_share,
+                  rollback_below=args.rollback_below)
     tls_kw = {} if tls is None else dict(tls=True, tls_ca=tls.ca, tls_client_cert=tls.cert, tls_client_key=tls.key,
                                          tls_server_name=tls.server_name)
     with R2RClient(target, wait_for_ready=True, token=token, **tls_kw) as client:
@@ -277,6 +278,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="router threshold (default: the server's)")
     p.add_argument("--llm-share", type=float, default=None,
                    help="instead of --threshold: the share of tokens the LLM should write (needs a trained router)")
+    p.add_argument("--rollback-below", type=float, default=None, metavar="P",
+                   help="verify mode: at routed tokens the LLM judges the SLM's tokens and rolls back the first it "
+                        "gives P < this (1 = every disagreement: the LLM's own answer); tokens stream once judged")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)

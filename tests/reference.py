@@ -5,6 +5,7 @@ No KV cache, no batching, no gRPC: every step runs both models over the whole se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,4 +57,84 @@ def reference_r2r(slm, llm, prompt: list[int], max_new: int, threshold: float, s
         run.tokens.append(token)
         run.sources.append(source)
         run.probabilities.append(p)
+    return run
+
+
+@dataclass
+class VerifyRun(ReferenceRun):
+    verify_passes: int = 0
+    rollbacks: int = 0
+    discarded_tokens: int = 0
+    judged_probabilities: list[float] = field(default_factory=list)  # the LLM's P of each SLM token it judged
+    judged_disagreements: list[float] = field(default_factory=list)  # ... of those it would not have written
+
+
+@torch.inference_mode()
+def reference_r2r_verify(slm, llm, prompt: list[int], max_new: int, threshold: float, strategy, top_k: int,
+                         eos: set[int], rollback_below: float) -> VerifyRun:
+    """The R2R loop in verify mode (services/coordinator/verify.py), plainly: at each routed token the LLM
+    judges the SLM tokens it has not read; the first it gives P < rollback_below and would not have chosen is
+    replaced by its choice and the rest is dropped. Before the answer ends the LLM judges the tail (and an
+    SLM-proposed EOS). Greedy, no stop strings."""
+    ids, run, P = list(prompt), VerifyRun(), len(prompt)
+    verified = P
+    # The coordinator gets rollback_below and the logprobs as float32: compare the same way.
+    below = float(np.float32(rollback_below))
+    limit = math.log(below) if below < 1 else None
+
+    def append(token, source, p):
+        ids.append(token)
+        run.tokens.append(token)
+        run.sources.append(source)
+        run.probabilities.append(p)
+
+    def judge(seq: list[int]):
+        """The LLM reads `seq`: (its next token, the first rejected position and its choice there or None)."""
+        nonlocal verified
+        logits = llm(torch.tensor([seq], device=llm.device)).logits[0].double()
+        if verified < len(seq):
+            run.verify_passes += 1
+        for j in range(verified, len(seq)):
+            logp = torch.log_softmax(logits[j - 1], -1)
+            choice, lp = int(torch.argmax(logits[j - 1])), float(np.float32(logp[seq[j]]))
+            run.judged_probabilities.append(math.exp(lp))
+            if choice != seq[j]:
+                run.judged_disagreements.append(math.exp(lp))
+                if limit is None or lp < limit:
+                    run.rollbacks += 1
+                    run.discarded_tokens += len(seq) - j
+                    del ids[j:], run.tokens[j - P:], run.sources[j - P:], run.probabilities[j - P:]
+                    verified = j + 1
+                    return None, (j, choice)
+        verified = max(verified, len(seq))
+        return int(torch.argmax(logits[-1])), None
+
+    while True:
+        final_token = None
+        if len(ids) - P < max_new:
+            token, feats = slm_features(slm, ids, top_k)
+            source, p = "slm", -1.0
+            if threshold <= 1:
+                p = float(np.float32(strategy.score(feats)[0]))
+                if p >= float(np.float32(threshold)):
+                    llm_token, rollback = judge(ids)
+                    if rollback is not None:
+                        (_, token), p = rollback, -1.0
+                    else:
+                        token = llm_token
+                        verified = len(ids) + 1
+                    source = "llm"
+            if token not in eos:
+                append(token, source, p)
+                continue
+            final_token = token if source == "slm" else None
+        tail = ids + ([final_token] if final_token is not None else [])
+        if verified < len(tail):
+            _, rollback = judge(tail)
+            if rollback is not None:
+                if rollback[1] in eos:
+                    break
+                append(rollback[1], "llm", -1.0)
+                continue
+        break
     return run

@@ -75,6 +75,22 @@ async def test_completion_equals_the_coordinator(oai, client):
     assert r2r["llm_tokens"] == ref.stats.llm_tokens and r2r["llm_share"] == pytest.approx(ref.stats.llm_share)
 
 
+async def test_verify_mode_through_the_gateway(oai, client):
+    """r2r_rollback_below reaches the coordinator: the answer is the coordinator's verify-mode answer, and the
+    r2r summary says how many rollbacks it took; out of range it is a 400 naming the field."""
+    import openai
+
+    ref = await client.generate(PROMPT, max_tokens=16, threshold=THRESHOLD, rollback_below=1.0)
+    resp = await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=16, temperature=0,
+                                        extra_body={"r2r_threshold": THRESHOLD, "r2r_rollback_below": 1.0})
+    assert resp.choices[0].text == ref.text
+    r2r = extra(resp, "r2r")
+    assert r2r["token_ids"] == ref.token_ids and r2r["rollbacks"] == ref.stats.rollbacks > 0
+    with pytest.raises(openai.BadRequestError) as err:
+        await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=4, extra_body={"r2r_rollback_below": 2})
+    assert "r2r_rollback_below" in str(err.value)
+
+
 async def test_streamed_completion_equals_the_coordinator(oai, client):
     ref = await client.generate(PROMPT, max_tokens=16, threshold=THRESHOLD)
     stream = await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,

@@ -77,7 +77,8 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     for key in ("machine", "date", "model_pair", "runs", "r2r_measured_over_ideal"):
         assert key in summary
     names = {r["name"] for r in summary["runs"]}
-    assert {"slm", "llm", "r2r-entropy", "r2r-random", "r2r-entropy-prefetch", "r2r-entropy-nolookahead"} <= names
+    assert {"slm", "llm", "r2r-entropy", "r2r-random", "r2r-entropy-prefetch", "r2r-entropy-nolookahead",
+            "r2r-entropy-verify-0.05"} <= names
     for r in summary["runs"]:
         for key, kind in RUN_KEYS.items():
             assert isinstance(r[key], kind), (r["name"], key)
@@ -86,8 +87,9 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
         assert 0.0 <= r["llm_share"] <= 1.0
     quality = {r["name"]: r for r in summary["runs"] if not r.get("sweep")}
     # Eager catch-up reschedules the LLM's reading only: same router, same threshold.
-    for variant in ("prefetch", "nolookahead"):
+    for variant in ("prefetch", "nolookahead", "verify-0.05"):
         assert quality[f"r2r-entropy-{variant}"]["threshold"] == quality["r2r-entropy"]["threshold"]
+    assert quality["r2r-entropy-verify-0.05"]["rollback_below"] == 0.05 and quality["r2r-entropy"]["rollback_below"] is None
     assert quality["slm"]["llm_share"] == 0.0 and quality["llm"]["llm_share"] == 1.0
     # The workers' forward seconds during each speed run, read from the workers themselves (GetLoad).
     slm_busy, llm_busy = quality["slm"]["workers_forward"], quality["llm"]["workers_forward"]
@@ -131,6 +133,9 @@ def test_baseline_routers_can_run_at_fewer_shares_than_the_shipped_one():
         ("slm", 0.0), ("llm", 1.0), ("r2r", 0.1), ("r2r", 0.2), ("r2r-entropy", 0.1)]
     assert plans[-1]["threshold"] == 0.03
     assert len(harness.plan_runs(thresholds, [0.1, 0.2])) == 6  # by default every router at every share
+    verify = harness.plan_runs(thresholds, [0.1, 0.2], rollbacks=[0.05])[-1]  # verify mode: the shipped router
+    assert verify == dict(name="r2r-verify-0.05", strategy="neural", threshold=0.5, target_share=0.1,
+                          rollback_below=0.05)
 
 
 def test_paired_differences_name_the_problems_that_changed_hands():
@@ -146,7 +151,7 @@ def test_quality_only_run_answers_and_grades_without_timing(tmp_path, tiny_pair)
     rc = harness_main(["--tiny", str(tiny_dir), "--limit", "3", "--max-tokens", "10", "--shares", "0.2",
                        "--quality-sessions", "2", "--calibration-prompts", "2", "--calibration-max-tokens", "8",
                        "--baselines", "entropy", "--no-compare-lookahead", "--prefetch-min-tokens", "0",
-                       "--quality-only", "--grade-workers", "2", "--out", str(out)])
+                       "--rollback-below", "", "--quality-only", "--grade-workers", "2", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quality_only"] and summary["components"] is None
@@ -178,7 +183,7 @@ def test_quality_only_run_answers_and_grades_without_timing(tmp_path, tiny_pair)
     rc = harness_main(["--tiny", str(tiny_dir), "--limit", "3", "--max-tokens", "10", "--shares", "0.2",
                        "--quality-sessions", "2", "--calibration-prompts", "2", "--calibration-max-tokens", "8",
                        "--baselines", "entropy", "--no-compare-lookahead", "--prefetch-min-tokens", "0",
-                       "--quality-only", "--grade-workers", "2", "--out", str(out), "--resume"])
+                       "--rollback-below", "", "--quality-only", "--grade-workers", "2", "--out", str(out), "--resume"])
     assert rc == 0
     resumed = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
     slm_tokens = sum(o["completion_tokens"] for o in slm_record["outcomes"])

@@ -45,6 +45,10 @@ LLM_PREFETCH_TOKENS = Counter("r2r_llm_prefetch_tokens", "Tokens the LLM caught 
 LOOKAHEAD_STEPS = Counter("r2r_lookahead_steps", "Extends sent before their token was final, by whether the "
                           "step used them or discarded them (the LLM changed the token, the answer ended)",
                           ["pool", "outcome"])
+VERIFY_JUDGED_TOKENS = Counter("r2r_verify_judged_tokens", "SLM tokens the LLM judged in verify mode")
+VERIFY_ROLLBACKS = Counter("r2r_verify_rollbacks", "Rollbacks in verify mode: an SLM token the LLM rejected")
+VERIFY_DISCARDED_TOKENS = Counter("r2r_verify_discarded_tokens", "Tokens dropped by verify-mode rollbacks (the "
+                                  "rejected one and those after it)")
 POOL_QUEUE_DEPTH = Gauge("r2r_pool_queue_depth", "Items waiting for the next batch, per pool", ["pool"])
 POOL_BATCH_SIZE = Histogram("r2r_pool_batch_size", "Items per batch sent to a pool", ["pool"], buckets=_BATCH)
 POOL_COALESCE_TIMEOUTS = Counter("r2r_pool_coalesce_timeouts", "Batches cut after waiting the whole coalesce "

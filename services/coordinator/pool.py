@@ -40,6 +40,7 @@ class ExtendItemRequest:
     tokens: list[int]
     sampling: common_pb2.SamplingParams
     want_features: bool
+    verify_from: int = 0
 
 
 class WorkerReplica:
@@ -83,7 +84,7 @@ class WorkerReplica:
         req = worker_pb2.ExtendRequest(batch_id=batch_id)
         for it in items:
             req.items.add(session_id=it.session_id, position=it.position, tokens=it.tokens,
-                          sampling=it.sampling, want_features=it.want_features)
+                          sampling=it.sampling, want_features=it.want_features, verify_from=it.verify_from)
         return req
 
     async def connect(self, timeout_s: float) -> worker_pb2.WorkerInfo:
@@ -234,14 +235,16 @@ class WorkerPool:
 
     async def extend(self, session_id: str, placement: Placement, history: list[int],
                      sampling: common_pb2.SamplingParams, want_features: bool,
-                     coalesce: bool = True) -> worker_pb2.ExtendResult:
+                     coalesce: bool = True, verify_from: int = 0) -> worker_pb2.ExtendResult:
         """Bring the session's replica up to `history` and return its next-token result. Resyncs (a
         restarted or evicting worker) are repaired by re-sending history from what the worker holds.
-        coalesce=False: the replica's next batch need not wait for this session (a one-off background call)."""
+        coalesce=False: the replica's next batch need not wait for this session (a one-off background call).
+        verify_from: verify mode, the worker also judges the fed tokens from that position on."""
         for _ in range(8):
             replica = self.place(placement)
             replica.add_session(session_id)
-            item = ExtendItemRequest(session_id, placement.cursor, history[placement.cursor:], sampling, want_features)
+            item = ExtendItemRequest(session_id, placement.cursor, history[placement.cursor:], sampling, want_features,
+                                     verify_from)
             try:
                 result = await replica.batcher.submit(item, key=session_id if coalesce else None)
             except PeerUnavailable:

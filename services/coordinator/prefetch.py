@@ -42,8 +42,8 @@ class LlmPrefetcher:
 
     def poke(self, s: Session) -> None:
         """Start a background catch-up for `s` if it may route, lags enough, and its LLM replica is idle."""
-        if not self.enabled or s.routes_never or s.routes_always:
-            return
+        if not self.enabled or s.routes_never or s.routes_always or s.verifying:
+            return  # verify mode: the LLM must judge the tokens it reads, and a prefetch judges none
         if s.llm_prefetch is not None and not s.llm_prefetch.done():
             return
         # All but the last token: a routed step must still feed the LLM at least one token to get its answer.

@@ -96,6 +96,9 @@ def check_rest(req: coordinator_pb2.GenerateRequest, limits: Limits) -> None:
         raise ValueError(f"threshold must be >= 0 (0 = always the LLM, > 1 = never), got {req.threshold}")
     if req.HasField("threshold") and req.HasField("llm_share"):
         raise ValueError("set either threshold or llm_share, not both")
+    if req.HasField("rollback_below") and not 0.0 <= req.rollback_below <= 1.0:  # also refuses NaN
+        raise ValueError(f"rollback_below must be in [0, 1] (0 = no verify mode, 1 = roll back every token the "
+                         f"LLM would not have written), got {req.rollback_below}")
     if len(req.stop) > MAX_STOPS:
         raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(req.stop)}")
     if any(not s for s in req.stop):

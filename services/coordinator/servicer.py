@@ -20,6 +20,8 @@ from r2r_serve.coordinator.pool import ExtendFailed, RouterClient, WorkerPool
 from r2r_serve.coordinator.prefetch import LlmPrefetcher
 from r2r_serve.coordinator.requests import ChatOptions, Limits, check_rest, max_new_tokens, prompt_ids
 from r2r_serve.coordinator.session import Session, r2r_step
+from r2r_serve.coordinator.stream import AnswerStream
+from r2r_serve.coordinator.verify import verify_tail
 from r2r_serve.coordinator.shares import threshold_for_share
 from r2r_serve.proto import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -167,59 +169,78 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         eos = set() if req.ignore_eos else self.eos_token_ids
         session = Session(session_id=f"{request_id}-{uuid.uuid4().hex[:8]}", history=list(ids), prompt_len=len(ids),
                           sampling=req.sampling, threshold=threshold, lookahead=self.settings.lookahead,
-                          final_tokens=frozenset(eos | stop_ids))
+                          final_tokens=frozenset(eos | stop_ids), rollback_below=req.rollback_below)
         structlog.contextvars.bind_contextvars(session_id=session.session_id)
-        log.info("request_started", prompt_tokens=len(ids), max_tokens=budget, threshold=threshold)
+        log.info("request_started", prompt_tokens=len(ids), max_tokens=budget, threshold=threshold,
+                 rollback_below=req.rollback_below or None)
         detok = StreamingDetokenizer(self.tokenizer, ids, list(req.stop))
-        finish, ttft, llm_tokens, count = coordinator_pb2.FINISH_REASON_LENGTH, 0.0, 0, 0
-        last_token_at = started
+        answer = AnswerStream(session, detok, request_id, req.logprobs, started)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.timeout_ms / 1000 if req.timeout_ms else None
         try:
-            while count < budget:
-                self.prefetcher.poke(session)  # first the prompt, while the SLM prefills it too
-                # The deadline bounds each step, never a `yield`: a timeout that fired while the consumer
-                # holds the generator would cancel gRPC's own write instead of this loop.
-                async with asyncio.timeout_at(deadline):
-                    step = await r2r_step(session, self.slm, self.router, self.llm, self.settings.router_fallback,
-                                          may_continue=count + 1 < budget)
-                if step.token in eos:
-                    finish = coordinator_pb2.FINISH_REASON_EOS
-                    break
-                if step.token in stop_ids:
-                    finish = coordinator_pb2.FINISH_REASON_STOP
-                    break
-                session.history.append(step.token)
-                text = detok.add(step.token)
-                now = time.perf_counter()
-                if count == 0:
-                    ttft = now - started
-                    metrics.TTFT.observe(ttft)
+            finish = None
+            while finish is None:
+                ending, final_token = None, None  # why the answer would end now; an SLM-proposed last token
+                if answer.generated >= budget:
+                    ending = coordinator_pb2.FINISH_REASON_LENGTH
                 else:
-                    metrics.ITL.observe(now - last_token_at)
-                last_token_at = now
-                is_llm = step.provenance == common_pb2.PROVENANCE_LLM
-                llm_tokens += is_llm
-                metrics.TOKENS.labels("llm" if is_llm else "slm").inc()
-                yield coordinator_pb2.GenerateResponse(request_id=request_id, token=coordinator_pb2.TokenEvent(
-                    index=count, token_id=step.token, text=text, provenance=step.provenance,
-                    logprob=step.logprob if req.logprobs else 0.0, router_probability=step.router_probability))
-                count += 1
-                if detok.stopped_by is not None:
-                    finish = coordinator_pb2.FINISH_REASON_STOP
-                    break
+                    self.prefetcher.poke(session)  # first the prompt, while the SLM prefills it too
+                    # The deadline bounds each step, never a `yield`: a timeout that fired while the consumer
+                    # holds the generator would cancel gRPC's own write instead of this loop.
+                    async with asyncio.timeout_at(deadline):
+                        step = await r2r_step(session, self.slm, self.router, self.llm, self.settings.router_fallback,
+                                              may_continue=answer.generated + 1 < budget)
+                    if step.token in session.final_tokens:
+                        answer.drop_cut(step)
+                        ending = coordinator_pb2.FINISH_REASON_EOS if step.token in eos else coordinator_pb2.FINISH_REASON_STOP
+                        if step.provenance == common_pb2.PROVENANCE_SLM:
+                            final_token = step.token
+                    else:
+                        answer.take(step)
+                        for event in answer.release():
+                            yield event
+                        if detok.stopped_by is not None:
+                            finish = coordinator_pb2.FINISH_REASON_STOP
+                            break
+                        if session.verifying and answer.stop_in_tail():
+                            ending = coordinator_pb2.FINISH_REASON_STOP
+                if ending is None:
+                    continue
+                if session.verifying:
+                    # The answer would end here: the LLM judges what it has not read yet first.
+                    async with asyncio.timeout_at(deadline):
+                        back = await verify_tail(session, self.llm, final_token)
+                    if back is not None and back.token in session.final_tokens:
+                        answer.drop_cut(back)  # the LLM ends the answer earlier, with its own token
+                        ending = coordinator_pb2.FINISH_REASON_EOS if back.token in eos else coordinator_pb2.FINISH_REASON_STOP
+                    elif back is not None:
+                        answer.take(back)  # rolled back: the answer goes on from the LLM's token
+                    for event in answer.release():
+                        yield event
+                    if detok.stopped_by is not None:
+                        finish = coordinator_pb2.FINISH_REASON_STOP
+                        break
+                    if back is not None and back.token not in session.final_tokens:
+                        continue
+                    if final_token is None and ending == coordinator_pb2.FINISH_REASON_STOP:
+                        continue  # the stop-string probe fired, but the released text holds no stop string
+                finish = ending
+            count = answer.released
             total = time.perf_counter() - started
             metrics.REQUEST_SECONDS.observe(total)
             stats = coordinator_pb2.GenerationStats(
-                finish_reason=finish, prompt_tokens=len(ids), completion_tokens=count, llm_tokens=llm_tokens,
-                llm_share=llm_tokens / count if count else 0.0, time_to_first_token_s=ttft, total_s=total,
-                tokens_per_s=count / total if total > 0 else 0.0, stop_sequence=detok.stopped_by or "",
-                text_tail=detok.finish())
+                finish_reason=finish, prompt_tokens=len(ids), completion_tokens=count, llm_tokens=answer.llm_tokens,
+                llm_share=answer.llm_tokens / count if count else 0.0, time_to_first_token_s=answer.ttft,
+                total_s=total, tokens_per_s=count / total if total > 0 else 0.0,
+                stop_sequence=detok.stopped_by or "", text_tail=detok.finish(), verify_passes=session.verify_passes,
+                rollbacks=session.rollbacks, discarded_tokens=session.discarded_tokens)
             log.info("request_finished", finish=coordinator_pb2.FinishReason.Name(finish), completion_tokens=count,
-                     llm_tokens=llm_tokens, total_s=round(total, 3), tokens_per_s=round(stats.tokens_per_s, 2))
+                     llm_tokens=answer.llm_tokens, total_s=round(total, 3), tokens_per_s=round(stats.tokens_per_s, 2),
+                     **({"rollbacks": session.rollbacks, "verify_passes": session.verify_passes}
+                        if session.verifying else {}))
             yield coordinator_pb2.GenerateResponse(request_id=request_id, final=stats)
         except asyncio.CancelledError:
-            log.info("request_cancelled", completion_tokens=count)
+            log.info("request_cancelled", completion_tokens=answer.released)
             raise
         finally:
             # Done: no batcher should wait for this session's next step, nor run its eager catch-up.

@@ -6,6 +6,8 @@ x[0..l). Each step:
   2. the router scores the features: p = P(divergent);
   3. if p >= threshold the LLM extends with x[l..n) (a lazy catch-up prefill) and its token replaces t;
   4. the chosen token is appended. Nothing is rolled back: KV is only ever written for fed tokens.
+     (Verify mode, per request, is the exception by design: the LLM's catch-up judges the SLM tokens it
+     reads and may cut the history back to the first it rejects; verify.py.)
 A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
 the SLM's proposal is not needed and is skipped (the LLM alone). When the router cannot be reached the
 coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail".
@@ -22,6 +24,7 @@ from r2r_serve.common import metrics
 from r2r_serve.coordinator.batcher import PeerUnavailable
 from r2r_serve.coordinator.lookahead import Lookahead
 from r2r_serve.coordinator.pool import Placement, RouterClient, WorkerPool
+from r2r_serve.coordinator.verify import judge
 from r2r_serve.proto import common_pb2
 
 
@@ -31,6 +34,7 @@ class StepResult:
     provenance: int          # common_pb2.PROVENANCE_SLM / PROVENANCE_LLM
     logprob: float
     router_probability: float  # -1 when the router was not asked
+    rollback_to: int = -1      # verify mode: the history was cut back to this position first (verify.py)
 
 
 @dataclass
@@ -46,6 +50,19 @@ class Session:
     lookahead: bool = False
     final_tokens: frozenset[int] = frozenset()  # tokens that end the answer (EOS, stop ids): nothing follows
     ahead: Lookahead | None = None  # the next step's extend, sent early (lookahead.py)
+    rollback_below: float = 0.0  # verify mode (verify.py); 0 = off
+    verified: int = 0            # verify mode: tokens before this position are final (the LLM has judged them)
+    verify_passes: int = 0
+    rollbacks: int = 0
+    discarded_tokens: int = 0
+
+    def __post_init__(self):
+        self.verified = max(self.verified, self.prompt_len)
+
+    @property
+    def verifying(self) -> bool:
+        """Verify mode, where it means anything: an LLM-only session has no SLM tokens to judge."""
+        return self.rollback_below > 0.0 and not self.routes_always
 
     @property
     def routes_never(self) -> bool:
@@ -62,15 +79,16 @@ class Session:
         if task is not None and not task.done():
             await asyncio.shield(task)
 
-    async def next_result(self, pool: WorkerPool, placement: Placement, want_features: bool):
+    async def next_result(self, pool: WorkerPool, placement: Placement, want_features: bool, verify_from: int = 0):
         """This step's answer from `pool`: the lookahead's if it guessed this history, else a new extend."""
         ahead = self.ahead
         if ahead is not None and ahead.pool is pool:
             self.ahead = None
-            if ahead.matches(self.history):
+            if ahead.matches(self.history) and not verify_from:
                 return await ahead.result()
             ahead.discard()
-        return await pool.extend(self.session_id, placement, self.history, self.sampling, want_features)
+        return await pool.extend(self.session_id, placement, self.history, self.sampling, want_features,
+                                 verify_from=verify_from)
 
     def look_ahead(self, pool: WorkerPool, placement: Placement, token: int, want_features: bool,
                    may_continue: bool) -> None:
@@ -114,7 +132,15 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
         router.leaving(s.session_id)
     await s.settle_prefetch()
     metrics.LLM_CATCHUP_TOKENS.observe(len(s.history) - (s.llm.cursor if s.llm.replica else 0))
-    answer = await s.next_result(llm, s.llm, want_features=False)
+    answer = await s.next_result(llm, s.llm, want_features=False, verify_from=s.verified if s.verifying else 0)
+    if s.verifying:
+        rollback = judge(s, answer, s.history)
+        if rollback is not None:  # the history was cut back: the LLM's token replaces an earlier SLM token
+            llm.leaving(s.session_id, s.llm)
+            s.look_ahead(slm, s.slm, rollback.token, want_features=not s.routes_never, may_continue=may_continue)
+            return StepResult(rollback.token, common_pb2.PROVENANCE_LLM, rollback.logprob, -1.0,
+                              rollback_to=rollback.position)
+        s.verified = len(s.history) + 1  # the LLM's own token, appended next, is final too
     if s.routes_always:
         s.look_ahead(llm, s.llm, answer.token, want_features=False, may_continue=may_continue)
     else:

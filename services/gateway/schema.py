@@ -56,7 +56,7 @@ def from_r2r_error(exc: R2RError) -> GatewayError:
 # ---- the parsed request --------------------------------------------------------------------------
 
 # Extra (non-OpenAI) request fields, like vLLM's: the R2R knob and two sampling/limit controls.
-EXTRA_FIELDS = ("r2r_threshold", "top_k", "ignore_eos")
+EXTRA_FIELDS = ("r2r_threshold", "r2r_rollback_below", "top_k", "ignore_eos")
 
 # Unsupported fields, accepted only with one of these "off" values.
 _OFF: dict[str, Callable[[Any], bool]] = {
@@ -246,6 +246,9 @@ def _common(body: dict, plan: Plan, models: ModelTable, default_temperature: flo
     threshold = fixed if fixed is not None else threshold
     if threshold is not None:
         p["threshold"] = threshold
+    rollback_below = _num(body, "r2r_rollback_below", 0.0, 1.0)  # verify mode (see coordinator.proto)
+    if rollback_below is not None:
+        p["rollback_below"] = rollback_below
 
 
 def _object(body) -> dict:
@@ -393,7 +396,9 @@ def r2r_summary(stats: Stats) -> dict:
     return {"llm_tokens": stats.llm_tokens, "llm_share": stats.llm_share,
             "time_to_first_token_s": stats.time_to_first_token_s, "total_s": stats.total_s,
             "tokens_per_s": stats.tokens_per_s, "coordinator_finish_reason": stats.finish_reason,
-            "stop_sequence": stats.stop_sequence or None}
+            "stop_sequence": stats.stop_sequence or None,
+            **({"verify_passes": stats.verify_passes, "rollbacks": stats.rollbacks,
+                "discarded_tokens": stats.discarded_tokens} if stats.verify_passes else {})}
 
 
 def r2r_token(tok: Token) -> dict:

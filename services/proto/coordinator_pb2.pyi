@@ -42,7 +42,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "chat", "prompt_token_ids", "max_tokens", "sampling", "stop", "stop_token_ids", "threshold", "logprobs", "timeout_ms", "ignore_eos", "llm_share")
+    __slots__ = ("request_id", "prompt", "chat", "prompt_token_ids", "max_tokens", "sampling", "stop", "stop_token_ids", "threshold", "logprobs", "timeout_ms", "ignore_eos", "llm_share", "rollback_below")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class GenerateRequest(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     LLM_SHARE_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_BELOW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     chat: ChatInput
@@ -69,7 +70,8 @@ class GenerateRequest(_message.Message):
     timeout_ms: int
     ignore_eos: bool
     llm_share: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., logprobs: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., llm_share: _Optional[float] = ...) -> None: ...
+    rollback_below: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., logprobs: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., llm_share: _Optional[float] = ..., rollback_below: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("index", "token_id", "text", "provenance", "logprob", "router_probability")
@@ -88,7 +90,7 @@ class TokenEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, str]] = ..., logprob: _Optional[float] = ..., router_probability: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "llm_tokens", "llm_share", "time_to_first_token_s", "total_s", "tokens_per_s", "stop_sequence", "text_tail")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "llm_tokens", "llm_share", "time_to_first_token_s", "total_s", "tokens_per_s", "stop_sequence", "text_tail", "verify_passes", "rollbacks", "discarded_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,9 @@ class GenerationStats(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_TAIL_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_PASSES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
@@ -109,7 +114,10 @@ class GenerationStats(_message.Message):
     tokens_per_s: float
     stop_sequence: str
     text_tail: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., llm_share: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stop_sequence: _Optional[str] = ..., text_tail: _Optional[str] = ...) -> None: ...
+    verify_passes: int
+    rollbacks: int
+    discarded_tokens: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., llm_share: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stop_sequence: _Optional[str] = ..., text_tail: _Optional[str] = ..., verify_passes: _Optional[int] = ..., rollbacks: _Optional[int] = ..., discarded_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token", "final")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from r2r_serve.proto import common_pb2 as r2r_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13r2r/v1/worker.proto\x12\x06r2r.v1\x1a\x13r2r/v1/common.proto\"\x83\x01\n\nExtendItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.r2r.v1.SamplingParams\x12\x15\n\rwant_features\x18\x05 \x01(\x08\"\xb6\x01\n\x0c\x45xtendResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.r2r.v1.ExtendStatus\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x13\n\x0bheld_tokens\x18\x05 \x01(\r\x12(\n\x08\x66\x65\x61tures\x18\x06 \x01(\x0b\x32\x16.r2r.v1.RouterFeatures\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"D\n\rExtendRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.r2r.v1.ExtendItem\"l\n\x0e\x45xtendResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.r2r.v1.ExtendResult\x12\x12\n\nforward_ms\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"%\n\x0eReleaseRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xac\x02\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\r\x12\x1e\n\x16max_tokens_per_session\x18\t \x01(\r\x12\x18\n\x10max_total_tokens\x18\n \x01(\x04\x12\x16\n\x0e\x66\x65\x61tures_top_k\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x16\n\x0e\x66\x65\x61tures_dtype\x18\r \x01(\t\"\x10\n\x0eGetLoadRequest\"\xae\x01\n\nWorkerLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x13\n\x0bheld_tokens\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\x11\n\tevictions\x18\x04 \x01(\x04\x12\x16\n\x0einflight_items\x18\x05 \x01(\r\x12\x11\n\tforward_s\x18\x06 \x01(\x01\x12\x11\n\tprefill_s\x18\x07 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x08 \x01(\x01\"\x15\n\x13GetTokenizerRequest\"\x85\x01\n\x0eTokenizerFiles\x12\x30\n\x05\x66iles\x18\x01 \x03(\x0b\x32!.r2r.v1.TokenizerFiles.FilesEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01*^\n\x0c\x45xtendStatus\x12\r\n\tEXTEND_OK\x10\x00\x12\x11\n\rEXTEND_RESYNC\x10\x01\x12\x12\n\x0e\x45XTEND_INVALID\x10\x02\x12\x18\n\x14\x45XTEND_OVER_CAPACITY\x10\x03\x32\xf8\x02\n\x0bModelWorker\x12\x41\n\x0c\x45xtendStream\x12\x15.r2r.v1.ExtendRequest\x1a\x16.r2r.v1.ExtendResponse(\x01\x30\x01\x12\x37\n\x06\x45xtend\x12\x15.r2r.v1.ExtendRequest\x1a\x16.r2r.v1.ExtendResponse\x12:\n\x07Release\x12\x16.r2r.v1.ReleaseRequest\x1a\x17.r2r.v1.ReleaseResponse\x12\x35\n\x07GetInfo\x12\x16.r2r.v1.GetInfoRequest\x1a\x12.r2r.v1.WorkerInfo\x12\x35\n\x07GetLoad\x12\x16.r2r.v1.GetLoadRequest\x1a\x12.r2r.v1.WorkerLoad\x12\x43\n\x0cGetTokenizer\x12\x1b.r2r.v1.GetTokenizerRequest\x1a\x16.r2r.v1.TokenizerFilesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13r2r/v1/worker.proto\x12\x06r2r.v1\x1a\x13r2r/v1/common.proto\"\x98\x01\n\nExtendItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.r2r.v1.SamplingParams\x12\x15\n\rwant_features\x18\x05 \x01(\x08\x12\x13\n\x0bverify_from\x18\x06 \x01(\r\"\x9c\x02\n\x0c\x45xtendResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.r2r.v1.ExtendStatus\x12\r\n\x05token\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x13\n\x0bheld_tokens\x18\x05 \x01(\r\x12(\n\x08\x66\x65\x61tures\x18\x06 \x01(\x0b\x32\x16.r2r.v1.RouterFeatures\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x14\n\x0cverify_start\x18\x08 \x01(\r\x12\x15\n\rverify_tokens\x18\t \x03(\x05\x12\x17\n\x0fverify_logprobs\x18\n \x03(\x02\x12\x1e\n\x16verify_choice_logprobs\x18\x0b \x03(\x02\"D\n\rExtendRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.r2r.v1.ExtendItem\"l\n\x0e\x45xtendResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.r2r.v1.ExtendResult\x12\x12\n\nforward_ms\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"%\n\x0eReleaseRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\x10\n\x0eGetInfoRequest\"\xac\x02\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\r\x12\x1e\n\x16max_tokens_per_session\x18\t \x01(\r\x12\x18\n\x10max_total_tokens\x18\n \x01(\x04\x12\x16\n\x0e\x66\x65\x61tures_top_k\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x16\n\x0e\x66\x65\x61tures_dtype\x18\r \x01(\t\"\x10\n\x0eGetLoadRequest\"\xae\x01\n\nWorkerLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x13\n\x0bheld_tokens\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\x11\n\tevictions\x18\x04 \x01(\x04\x12\x16\n\x0einflight_items\x18\x05 \x01(\r\x12\x11\n\tforward_s\x18\x06 \x01(\x01\x12\x11\n\tprefill_s\x18\x07 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x08 \x01(\x01\"\x15\n\x13GetTokenizerRequest\"\x85\x01\n\x0eTokenizerFiles\x12\x30\n\x05\x66iles\x18\x01 \x03(\x0b\x32!.r2r.v1.TokenizerFiles.FilesEntry\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01*^\n\x0c\x45xtendStatus\x12\r\n\tEXTEND_OK\x10\x00\x12\x11\n\rEXTEND_RESYNC\x10\x01\x12\x12\n\x0e\x45XTEND_INVALID\x10\x02\x12\x18\n\x14\x45XTEND_OVER_CAPACITY\x10\x03\x32\xf8\x02\n\x0bModelWorker\x12\x41\n\x0c\x45xtendStream\x12\x15.r2r.v1.ExtendRequest\x1a\x16.r2r.v1.ExtendResponse(\x01\x30\x01\x12\x37\n\x06\x45xtend\x12\x15.r2r.v1.ExtendRequest\x1a\x16.r2r.v1.ExtendResponse\x12:\n\x07Release\x12\x16.r2r.v1.ReleaseRequest\x1a\x17.r2r.v1.ReleaseResponse\x12\x35\n\x07GetInfo\x12\x16.r2r.v1.GetInfoRequest\x1a\x12.r2r.v1.WorkerInfo\x12\x35\n\x07GetLoad\x12\x16.r2r.v1.GetLoadRequest\x1a\x12.r2r.v1.WorkerLoad\x12\x43\n\x0cGetTokenizer\x12\x1b.r2r.v1.GetTokenizerRequest\x1a\x16.r2r.v1.TokenizerFilesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIZERFILES_FILESENTRY']._loaded_options = None
   _globals['_TOKENIZERFILES_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_EXTENDSTATUS']._serialized_start=1302
-  _globals['_EXTENDSTATUS']._serialized_end=1396
+  _globals['_EXTENDSTATUS']._serialized_start=1425
+  _globals['_EXTENDSTATUS']._serialized_end=1519
   _globals['_EXTENDITEM']._serialized_start=53
-  _globals['_EXTENDITEM']._serialized_end=184
-  _globals['_EXTENDRESULT']._serialized_start=187
-  _globals['_EXTENDRESULT']._serialized_end=369
-  _globals['_EXTENDREQUEST']._serialized_start=371
-  _globals['_EXTENDREQUEST']._serialized_end=439
-  _globals['_EXTENDRESPONSE']._serialized_start=441
-  _globals['_EXTENDRESPONSE']._serialized_end=549
-  _globals['_RELEASEREQUEST']._serialized_start=551
-  _globals['_RELEASEREQUEST']._serialized_end=588
-  _globals['_RELEASERESPONSE']._serialized_start=590
-  _globals['_RELEASERESPONSE']._serialized_end=625
-  _globals['_GETINFOREQUEST']._serialized_start=627
-  _globals['_GETINFOREQUEST']._serialized_end=643
-  _globals['_WORKERINFO']._serialized_start=646
-  _globals['_WORKERINFO']._serialized_end=946
-  _globals['_GETLOADREQUEST']._serialized_start=948
-  _globals['_GETLOADREQUEST']._serialized_end=964
-  _globals['_WORKERLOAD']._serialized_start=967
-  _globals['_WORKERLOAD']._serialized_end=1141
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1143
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1164
-  _globals['_TOKENIZERFILES']._serialized_start=1167
-  _globals['_TOKENIZERFILES']._serialized_end=1300
-  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_start=1256
-  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_end=1300
-  _globals['_MODELWORKER']._serialized_start=1399
-  _globals['_MODELWORKER']._serialized_end=1775
+  _globals['_EXTENDITEM']._serialized_end=205
+  _globals['_EXTENDRESULT']._serialized_start=208
+  _globals['_EXTENDRESULT']._serialized_end=492
+  _globals['_EXTENDREQUEST']._serialized_start=494
+  _globals['_EXTENDREQUEST']._serialized_end=562
+  _globals['_EXTENDRESPONSE']._serialized_start=564
+  _globals['_EXTENDRESPONSE']._serialized_end=672
+  _globals['_RELEASEREQUEST']._serialized_start=674
+  _globals['_RELEASEREQUEST']._serialized_end=711
+  _globals['_RELEASERESPONSE']._serialized_start=713
+  _globals['_RELEASERESPONSE']._serialized_end=748
+  _globals['_GETINFOREQUEST']._serialized_start=750
+  _globals['_GETINFOREQUEST']._serialized_end=766
+  _globals['_WORKERINFO']._serialized_start=769
+  _globals['_WORKERINFO']._serialized_end=1069
+  _globals['_GETLOADREQUEST']._serialized_start=1071
+  _globals['_GETLOADREQUEST']._serialized_end=1087
+  _globals['_WORKERLOAD']._serialized_start=1090
+  _globals['_WORKERLOAD']._serialized_end=1264
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1266
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1287
+  _globals['_TOKENIZERFILES']._serialized_start=1290
+  _globals['_TOKENIZERFILES']._serialized_end=1423
+  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_start=1379
+  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_end=1423
+  _globals['_MODELWORKER']._serialized_start=1522
+  _globals['_MODELWORKER']._serialized_end=1898
 # @@protoc_insertion_point(module_scope)

@@ -20,21 +20,23 @@ EXTEND_INVALID: ExtendStatus
 EXTEND_OVER_CAPACITY: ExtendStatus
 
 class ExtendItem(_message.Message):
-    __slots__ = ("session_id", "position", "tokens", "sampling", "want_features")
+    __slots__ = ("session_id", "position", "tokens", "sampling", "want_features", "verify_from")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FROM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     want_features: bool
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., want_features: _Optional[bool] = ...) -> None: ...
+    verify_from: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., want_features: _Optional[bool] = ..., verify_from: _Optional[int] = ...) -> None: ...
 
 class ExtendResult(_message.Message):
-    __slots__ = ("session_id", "status", "token", "logprob", "held_tokens", "features", "error")
+    __slots__ = ("session_id", "status", "token", "logprob", "held_tokens", "features", "error", "verify_start", "verify_tokens", "verify_logprobs", "verify_choice_logprobs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +44,10 @@ class ExtendResult(_message.Message):
     HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_START_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_CHOICE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: ExtendStatus
     token: int
@@ -49,7 +55,11 @@ class ExtendResult(_message.Message):
     held_tokens: int
     features: _common_pb2.RouterFeatures
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[ExtendStatus, str]] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., held_tokens: _Optional[int] = ..., features: _Optional[_Union[_common_pb2.RouterFeatures, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    verify_start: int
+    verify_tokens: _containers.RepeatedScalarFieldContainer[int]
+    verify_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    verify_choice_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[ExtendStatus, str]] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., held_tokens: _Optional[int] = ..., features: _Optional[_Union[_common_pb2.RouterFeatures, _Mapping]] = ..., error: _Optional[str] = ..., verify_start: _Optional[int] = ..., verify_tokens: _Optional[_Iterable[int]] = ..., verify_logprobs: _Optional[_Iterable[float]] = ..., verify_choice_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ExtendRequest(_message.Message):
     __slots__ = ("batch_id", "items")

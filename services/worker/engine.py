@@ -49,6 +49,18 @@ class ExtendWork:
     tokens: list[int]
     sampling: Sampling = field(default_factory=Sampling)
     want_features: bool = False
+    verify_from: int = 0  # judge the fed tokens at positions >= this (verify mode); 0 = none
+
+
+@dataclass
+class Verification:
+    """This model's judgement of fed tokens: at positions start, start + 1, ... its own choice (under the
+    request's sampling) and the log-probability it gives the token that was fed there."""
+
+    start: int
+    tokens: list[int]
+    logprobs: list[float]
+    choice_logprobs: list[float]
 
 
 @dataclass
@@ -60,6 +72,7 @@ class ExtendOutcome:
     logprob: float = 0.0
     features: object | None = None  # common_pb2.RouterFeatures
     error: str = ""
+    verification: Verification | None = None
 
 
 @dataclass
@@ -432,7 +445,8 @@ class ModelEngine:
         chunks = [works[i].tokens for i in chunk]
         kind = forward_kind([s.length for s in sessions], [len(c) for c in chunks])
         weights = self._weights_for(len(chunks) * max(len(c) for c in chunks))
-        hidden = self._forward(sessions, chunks, weights)
+        starts = [s.length for s in sessions]  # before the forward: where each row's new tokens begin
+        hidden, every_hidden = self._forward(sessions, chunks, weights)
         logits = weights.lm_head(hidden)
         name = str(weights.dtype).removeprefix("torch.")
         self.forwards_by_dtype[name] = self.forwards_by_dtype.get(name, 0) + 1
@@ -444,6 +458,7 @@ class ModelEngine:
             tokens, logprobs, feats = self._choose_with_features(logits, hidden, params, positions, want)
         else:
             tokens, logprobs, feats = self._choose_with_features_per_row(logits, hidden, params, positions, want)
+        verifications = [self._verify(weights, every_hidden, j, works[i], starts[j]) for j, i in enumerate(chunk)]
         self.batches += 1
         elapsed = time.perf_counter() - started
         self.last_forward_ms = elapsed * 1000
@@ -452,8 +467,35 @@ class ModelEngine:
         self._metrics.forward(len(chunk), sum(len(works[i].tokens) for i in chunk), elapsed)
         for j, i in enumerate(chunk):
             outcomes[i] = ExtendOutcome(works[i].session_id, OK, sessions[j].length, token=tokens[j],
-                                        logprob=logprobs[j], features=feats[j])
+                                        logprob=logprobs[j], features=feats[j], verification=verifications[j])
         self._mark("outcomes")
+
+    VERIFY_ROWS = 64  # positions judged per lm_head call: bounds the [rows, vocab] logits a long catch-up makes
+
+    def _verify(self, w: "_Weights", every_hidden, row: int, work: ExtendWork, start: int) -> Verification | None:
+        """Verify mode: judge the fed tokens of `row` from `work.verify_from` on. The hidden state at input
+        position p predicts position p + 1, so the first fed token (predicted by an earlier forward) is never
+        judged here, and a decode step (one token) judges nothing."""
+        first, end = max(work.verify_from, start + 1), start + len(work.tokens)
+        if not work.verify_from or first >= end or every_hidden is None:
+            return None
+        fed = torch.tensor(work.tokens[first - start:], dtype=torch.long, device=self.device)
+        choices, fed_logprobs, choice_logprobs = [], [], []
+        for lo in range(first, end, self.VERIFY_ROWS):
+            hi = min(end, lo + self.VERIFY_ROWS)
+            logits = w.lm_head(every_hidden[row, lo - 1 - start: hi - 1 - start])
+            work_logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+            logp = torch.log_softmax(work_logits, dim=-1)
+            fed_logprobs.append(logp.gather(-1, fed[lo - first: hi - first, None])[:, 0])
+            if work.sampling.greedy:
+                choice = torch.argmax(work_logits, dim=-1)
+            else:  # seeded by position: the same draw a decode step at that position would make
+                choice = choose_tokens(logits, [work.sampling] * (hi - lo), list(range(lo, hi)))[0]
+            choices.append(choice)
+            choice_logprobs.append(logp.gather(-1, choice[:, None])[:, 0])
+        self._mark("verify")
+        return Verification(first, torch.cat(choices).tolist(), torch.cat(fed_logprobs).double().tolist(),
+                            torch.cat(choice_logprobs).double().tolist())
 
     def _choose_with_features_per_row(self, logits, hidden, params, positions, want):
         """The reference path (fast_paths=False): features.router_features, values read back row by row."""
@@ -529,15 +571,16 @@ class ModelEngine:
             return t.to(self.dtype)
         return t.clone() if copy else t
 
-    def _forward(self, sessions: list[SessionKV], chunks: list[list[int]], w: "_Weights") -> torch.Tensor:
+    def _forward(self, sessions: list[SessionKV], chunks: list[list[int]], w: "_Weights"):
         """Run the decoder (weights `w`) over each session's new tokens; update its KV; return the final-norm
-        hidden state at each session's last new token, [B, H]."""
+        hidden state at each session's last new token, [B, H], and at every new token, [B, N, H] (row b's
+        new tokens first, then padding; None for a decode step, which has one)."""
         from transformers import DynamicCache
 
         dev = self.device
         if self.config.fast_paths:
             if all(len(c) == 1 for c in chunks) and any(s.length for s in sessions):
-                return self._forward_decode(sessions, chunks, w)
+                return self._forward_decode(sessions, chunks, w), None
             for s in sessions:  # the paths below read (and replace) each session's own KV
                 s.own()
         if len(sessions) == 1:  # no padding needed
@@ -552,7 +595,7 @@ class ModelEngine:
             self._mark("forward")
             s.layers = [(self._to_kv(layer.keys, False), self._to_kv(layer.values, False)) for layer in cache.layers]
             s.length += len(toks)
-            return out.last_hidden_state[:, -1]
+            return out.last_hidden_state[:, -1], out.last_hidden_state
 
         past = [s.length for s in sessions]
         new = [len(c) for c in chunks]
@@ -589,7 +632,7 @@ class ModelEngine:
         last = torch.tensor([n - 1 for n in new], device=dev)
         hidden = out.last_hidden_state[torch.arange(B, device=dev), last]
         self._mark("kv")
-        return hidden
+        return hidden, out.last_hidden_state
 
 
     # ---- decode batches on persistent KV ----------------------------------------------------------

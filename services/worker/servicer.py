@@ -36,7 +36,8 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
             raise BatchRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"batch has {len(request.items)} items; this worker takes at most {self.max_batch_items}")
         works = [ExtendWork(session_id=it.session_id, position=it.position, tokens=list(it.tokens),
-                            sampling=Sampling.from_proto(it.sampling), want_features=it.want_features)
+                            sampling=Sampling.from_proto(it.sampling), want_features=it.want_features,
+                            verify_from=it.verify_from)
                  for it in request.items]
         started = time.perf_counter()
         outcomes = await self.batcher.extend(works) if works else []
@@ -47,6 +48,12 @@ class WorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
                                      logprob=o.logprob, held_tokens=o.held_tokens, error=o.error)
             if o.features is not None:
                 r.features.CopyFrom(o.features)
+            if o.verification is not None:
+                v = o.verification
+                r.verify_start = v.start
+                r.verify_tokens.extend(v.tokens)
+                r.verify_logprobs.extend(v.logprobs)
+                r.verify_choice_logprobs.extend(v.choice_logprobs)
         return response
 
     async def Extend(self, request, context):

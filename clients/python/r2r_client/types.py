@@ -37,6 +37,9 @@ class Stats:
     tokens_per_s: float
     stop_sequence: str
     text_tail: str = ""
+    verify_passes: int = 0      # verify mode: LLM passes that judged SLM tokens,
+    rollbacks: int = 0          # the rollbacks they made,
+    discarded_tokens: int = 0   # and the SLM tokens those dropped
 
 
 @dataclass
@@ -59,7 +62,7 @@ def build_request(prompt: Prompt, *, max_tokens: int = 0, temperature: float = 0
                   top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
                   stop_token_ids: Sequence[int] = (), threshold: float | None = None, logprobs: bool = False,
                   ignore_eos: bool = False, request_id: str = "", timeout_ms: int = 0,
-                  llm_share: float | None = None) -> coordinator_pb2.GenerateRequest:
+                  llm_share: float | None = None, rollback_below: float | None = None) -> coordinator_pb2.GenerateRequest:
     req = coordinator_pb2.GenerateRequest(request_id=request_id, max_tokens=max_tokens, stop=list(stop),
                                           stop_token_ids=list(stop_token_ids), logprobs=logprobs,
                                           ignore_eos=ignore_eos, timeout_ms=timeout_ms)
@@ -70,6 +73,8 @@ def build_request(prompt: Prompt, *, max_tokens: int = 0, temperature: float = 0
         req.threshold = threshold
     if llm_share is not None:  # a share of tokens for the LLM instead of a threshold (trained routers)
         req.llm_share = llm_share
+    if rollback_below is not None:  # verify mode (BiLD-style rollback); see coordinator.proto
+        req.rollback_below = rollback_below
     if isinstance(prompt, str):
         req.prompt = prompt
     elif prompt and isinstance(prompt[0], dict):
@@ -92,4 +97,5 @@ def stats_from_proto(s: coordinator_pb2.GenerationStats) -> Stats:
     return Stats(finish_reason=FINISH.get(s.finish_reason, "unknown"), prompt_tokens=s.prompt_tokens,
                  completion_tokens=s.completion_tokens, llm_tokens=s.llm_tokens, llm_share=s.llm_share,
                  time_to_first_token_s=s.time_to_first_token_s, total_s=s.total_s, tokens_per_s=s.tokens_per_s,
-                 stop_sequence=s.stop_sequence, text_tail=s.text_tail)
+                 stop_sequence=s.stop_sequence, text_tail=s.text_tail, verify_passes=s.verify_passes,
+                 rollbacks=s.rollbacks, discarded_tokens=s.discarded_tokens)

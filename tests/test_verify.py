@@ -1,0 +1,129 @@
+"""Verify mode (coordinator/verify.py): at routed tokens the LLM judges the SLM tokens it reads and rolls back
+the first it rejects. Anchors: rollback_below = 1 is the LLM's own greedy generate() at any threshold; any
+other value equals the plain reference loop (tests/reference.py), rollbacks and all; clients never see a token
+taken back; nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import grpc
+import pytest
+import torch
+
+from conftest import TOP_K, active_sessions, wait_until
+from r2r_serve.proto import worker_pb2, worker_pb2_grpc
+from r2r_serve.router.strategies import EntropyStrategy
+from reference import reference_r2r_verify
+from test_anchors import PROMPTS, hf_generate, ids_of, middle_threshold
+
+
+@pytest.fixture(scope="module")
+def verify_setup(hf):
+    """A router threshold that routes some tokens, and a rollback_below between the probabilities the LLM gives
+    the SLM tokens it would not have written (so some are rolled back and some stay)."""
+    strategy = EntropyStrategy()
+    prompts = [ids_of(hf, p) for p in PROMPTS]
+    threshold = middle_threshold(hf, prompts[0], strategy)
+    eos = {hf.tokenizer.eos_token_id}
+    probe = [reference_r2r_verify(hf.slm, hf.llm, p, 16, threshold, strategy, TOP_K, eos, 1e-30) for p in prompts]
+    rejected = [q for run in probe for q in run.judged_disagreements]
+    assert rejected, "the probe judged no disagreement: the fixture models agree everywhere"
+    return strategy, prompts, threshold, eos, float(statistics.median(rejected))
+
+
+async def test_the_llm_judges_fed_tokens_like_a_plain_forward(services, hf):
+    """Worker level: verify_from makes the LLM return, for each fed token from there on, its own greedy choice
+    and the log-probability it gives the fed token, as one plain forward over the whole sequence says."""
+    ids = ids_of(hf, PROMPTS[0]) + [5, 17, 23, 42, 7]
+    async with grpc.aio.insecure_channel(services.llm_target) as channel:
+        stub = worker_pb2_grpc.ModelWorkerStub(channel)
+        first = worker_pb2.ExtendItem(session_id="verify-probe", position=0, tokens=ids[:4])
+        await stub.Extend(worker_pb2.ExtendRequest(items=[first]))
+        item = worker_pb2.ExtendItem(session_id="verify-probe", position=4, tokens=ids[4:], verify_from=len(ids) - 5)
+        result = (await stub.Extend(worker_pb2.ExtendRequest(items=[item]))).results[0]
+        await stub.Release(worker_pb2.ReleaseRequest(session_ids=["verify-probe"]))
+    with torch.inference_mode():
+        logits = hf.llm(torch.tensor([ids], device=hf.llm.device)).logits[0].double()
+    start = len(ids) - 5
+    assert result.verify_start == start and len(result.verify_tokens) == 5
+    for i, j in enumerate(range(start, len(ids))):
+        logp = torch.log_softmax(logits[j - 1], -1)
+        assert result.verify_tokens[i] == int(torch.argmax(logits[j - 1]))
+        assert result.verify_logprobs[i] == pytest.approx(float(logp[ids[j]]), abs=1e-5)
+        assert result.verify_choice_logprobs[i] == pytest.approx(float(logp.max()), abs=1e-5)
+    assert result.token == int(torch.argmax(logits[-1]))
+    # The first fed token of an extend has no prediction in it: verify_from before it judges from the next one.
+    async with grpc.aio.insecure_channel(services.llm_target) as channel:
+        stub = worker_pb2_grpc.ModelWorkerStub(channel)
+        item = worker_pb2.ExtendItem(session_id="verify-probe-2", position=0, tokens=ids, verify_from=1)
+        whole = (await stub.Extend(worker_pb2.ExtendRequest(items=[item]))).results[0]
+        await stub.Release(worker_pb2.ReleaseRequest(session_ids=["verify-probe-2"]))
+    assert whole.verify_start == 1 and len(whole.verify_tokens) == len(ids) - 1
+
+
+@pytest.mark.parametrize("threshold", ["middle", 1.5])
+async def test_rolling_back_every_disagreement_is_the_llm_generate(client, hf, verify_setup, threshold):
+    """rollback_below = 1: whatever the router routes (some tokens, or none until the end), the answer is the
+    LLM's own greedy answer, reached through rollbacks."""
+    _, prompts, middle, _, _ = verify_setup
+    t = middle if threshold == "middle" else threshold
+    results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=t, rollback_below=1.0)
+                                     for p in PROMPTS[:3]))
+    for prompt_ids, result in zip(prompts, results):
+        assert result.token_ids == hf_generate(hf.llm, prompt_ids, 16, hf.tokenizer.eos_token_id)
+        assert result.stats.rollbacks > 0 and result.stats.verify_passes >= 1
+        assert result.stats.completion_tokens == len(result.token_ids)
+
+
+async def test_intermediate_rollback_equals_the_reference_loop(client, hf, verify_setup):
+    strategy, prompts, threshold, eos, below = verify_setup
+    results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold, rollback_below=below)
+                                     for p in PROMPTS))
+    kept_slm = rollbacks = 0
+    for prompt_ids, result in zip(prompts, results):
+        ref = reference_r2r_verify(hf.slm, hf.llm, prompt_ids, 16, threshold, strategy, TOP_K, eos, below)
+        assert result.token_ids == ref.tokens
+        assert result.sources == ref.sources
+        assert [t.router_probability if t.router_probability is not None else -1.0 for t in result.tokens] == \
+            pytest.approx(ref.probabilities, abs=1e-6)
+        s = result.stats
+        assert (s.verify_passes, s.rollbacks, s.discarded_tokens) == (ref.verify_passes, ref.rollbacks,
+                                                                     ref.discarded_tokens)
+        assert s.llm_tokens == ref.sources.count("llm")
+        kept_slm += ref.sources.count("slm")
+        rollbacks += ref.rollbacks
+    assert rollbacks > 0 and kept_slm > 0, "the setting should both roll back and keep SLM tokens"
+
+
+async def test_streamed_tokens_are_final_and_cut_at_a_stop_string(client, hf, verify_setup):
+    """Tokens reach the client only once judged, so the stream is the answer (indices 0..n-1, no token
+    taken back), and a stop string in the verified text ends it where the LLM's own answer would."""
+    _, prompts, threshold, _, _ = verify_setup
+    whole = await client.generate(PROMPTS[0], max_tokens=16, threshold=threshold, rollback_below=1.0)
+    assert [t.index for t in whole.tokens] == list(range(len(whole.tokens)))
+    assert "".join(t.text for t in whole.tokens) + whole.stats.text_tail == whole.text
+    stop = whole.text[len(whole.text) // 2: len(whole.text) // 2 + 3]
+    assert stop.strip(), "pick a visible stop string"
+    cut = await client.generate(PROMPTS[0], max_tokens=16, threshold=threshold, rollback_below=1.0, stop=[stop])
+    assert cut.text == whole.text[: whole.text.index(stop)]
+    assert cut.stats.finish_reason == "stop" and cut.stats.stop_sequence == stop
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+async def test_a_bad_rollback_below_is_invalid_argument(client, value):
+    from r2r_client import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="rollback_below must be in"):
+        await client.generate("def add(a, b):", max_tokens=4, rollback_below=value)
+
+
+async def test_verify_mode_leaves_no_kv_behind(services, client):
+    """Rollbacks crop both workers' KV and finished answers release it: no session stays on either worker."""
+    await asyncio.gather(*(client.generate(p, max_tokens=12, threshold=0.5, rollback_below=1.0) for p in PROMPTS))
+    async with grpc.aio.insecure_channel(services.slm_target) as a, grpc.aio.insecure_channel(services.llm_target) as b:
+        for stub in (worker_pb2_grpc.ModelWorkerStub(a), worker_pb2_grpc.ModelWorkerStub(b)):
+            async def none_left(stub=stub):
+                return await active_sessions(stub) == 0
+            await wait_until(none_left)
