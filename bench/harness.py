@@ -90,14 +90,15 @@ def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], va
         for share in shares if i == 0 or baseline_shares is None else baseline_shares:
             runs.append(dict(name=STRATEGY_RUN_NAMES[strategy], strategy=strategy, threshold=by_share[share],
                              target_share=share))
+        if i == 0:  # verify mode right after the plain runs it is measured against
+            for below in rollbacks:
+                runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-verify-{below:g}", strategy=strategy,
+                                 threshold=by_share[shares[0]], target_share=shares[0], rollback_below=below))
     if thresholds:
         strategy, by_share = next(iter(thresholds.items()))
         for variant in variants:
             runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-{variant}", strategy=f"{strategy}{VARIANT}{variant}",
                              threshold=by_share[shares[0]], target_share=shares[0]))
-        for below in rollbacks:
-            runs.append(dict(name=f"{STRATEGY_RUN_NAMES[strategy]}-verify-{below:g}", strategy=strategy,
-                             threshold=by_share[shares[0]], target_share=shares[0], rollback_below=below))
     return runs
 
 
@@ -343,7 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the shipped router at the first share with the coordinator's --no-lookahead "
                         "(run r2r-nolookahead): what sending each next extend early buys")
-    p.add_argument("--rollback-below", type=_floats, default=[0.05], metavar="P[,P...]",
+    p.add_argument("--rollback-below", type=_floats, default=[0.1], metavar="P[,P...]",
                    help="also run the shipped router at the first share in verify mode with each of these "
                         "rollback_below values (run r2r-verify-P: the LLM rolls back SLM tokens it gives P < this); "
                         "'' = skip")

@@ -78,7 +78,7 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
         assert key in summary
     names = {r["name"] for r in summary["runs"]}
     assert {"slm", "llm", "r2r-entropy", "r2r-random", "r2r-entropy-prefetch", "r2r-entropy-nolookahead",
-            "r2r-entropy-verify-0.05"} <= names
+            "r2r-entropy-verify-0.1"} <= names
     for r in summary["runs"]:
         for key, kind in RUN_KEYS.items():
             assert isinstance(r[key], kind), (r["name"], key)
@@ -87,9 +87,9 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
         assert 0.0 <= r["llm_share"] <= 1.0
     quality = {r["name"]: r for r in summary["runs"] if not r.get("sweep")}
     # Eager catch-up reschedules the LLM's reading only: same router, same threshold.
-    for variant in ("prefetch", "nolookahead", "verify-0.05"):
+    for variant in ("prefetch", "nolookahead", "verify-0.1"):
         assert quality[f"r2r-entropy-{variant}"]["threshold"] == quality["r2r-entropy"]["threshold"]
-    assert quality["r2r-entropy-verify-0.05"]["rollback_below"] == 0.05 and quality["r2r-entropy"]["rollback_below"] is None
+    assert quality["r2r-entropy-verify-0.1"]["rollback_below"] == 0.1 and quality["r2r-entropy"]["rollback_below"] is None
     assert quality["slm"]["llm_share"] == 0.0 and quality["llm"]["llm_share"] == 1.0
     # The workers' forward seconds during each speed run, read from the workers themselves (GetLoad).
     slm_busy, llm_busy = quality["slm"]["workers_forward"], quality["llm"]["workers_forward"]
@@ -133,9 +133,11 @@ def test_baseline_routers_can_run_at_fewer_shares_than_the_shipped_one():
         ("slm", 0.0), ("llm", 1.0), ("r2r", 0.1), ("r2r", 0.2), ("r2r-entropy", 0.1)]
     assert plans[-1]["threshold"] == 0.03
     assert len(harness.plan_runs(thresholds, [0.1, 0.2])) == 6  # by default every router at every share
-    verify = harness.plan_runs(thresholds, [0.1, 0.2], rollbacks=[0.05])[-1]  # verify mode: the shipped router
-    assert verify == dict(name="r2r-verify-0.05", strategy="neural", threshold=0.5, target_share=0.1,
-                          rollback_below=0.05)
+    # verify mode: the shipped router at the first share, right after its plain runs
+    plans = harness.plan_runs(thresholds, [0.1, 0.2], rollbacks=[0.05])
+    assert [p["name"] for p in plans] == ["slm", "llm", "r2r", "r2r", "r2r-verify-0.05", "r2r-entropy", "r2r-entropy"]
+    assert plans[4] == dict(name="r2r-verify-0.05", strategy="neural", threshold=0.5, target_share=0.1,
+                            rollback_below=0.05)
 
 
 def test_paired_differences_name_the_problems_that_changed_hands():

@@ -41,6 +41,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-per-session", type=int, default=0, help="0 = the model's context length")
     p.add_argument("--max-total-tokens", type=int, default=1_000_000, help="KV budget of this worker, in tokens")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="new tokens per forward pass")
+    p.add_argument("--forward-fixed-rows", type=int, default=0,
+                   help="a forward's fixed cost in token rows: batches whose padding costs more are split "
+                        "(0 = the device's default: 32 on a CPU, 512 on a GPU)")
     p.add_argument("--features-top-k", type=int, default=100)
     p.add_argument("--features-dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
@@ -69,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
                         prefill_from_tokens=args.prefill_from_tokens, prepack=args.prepack,
                         max_sessions=args.max_sessions, max_tokens_per_session=args.max_tokens_per_session,
                         max_total_tokens=args.max_total_tokens, max_batch_tokens=args.max_batch_tokens,
+                        forward_fixed_rows=args.forward_fixed_rows,
                         features_top_k=args.features_top_k, features_dtype=args.features_dtype,
                         threads=args.threads, attn_implementation=args.attn_implementation,
                         quantize=args.quantize)

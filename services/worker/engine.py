@@ -32,6 +32,7 @@ from r2r_serve.common.tensors import parse_dtype, to_proto
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
 from r2r_serve.proto import common_pb2
 from r2r_serve.worker.features import router_features
+from r2r_serve.worker.grouping import DEFAULT_FIXED_ROWS, forward_groups
 from r2r_serve.worker.int8_weights import BF16_UNITS_MAX_ROWS, int8_weights_available, quantize_int8_weights
 from r2r_serve.worker.kv_store import CapacityError, DecodeGroup, KVStore, SessionKV
 from r2r_serve.worker.prepack import prepack_available, prepack_linears
@@ -92,6 +93,9 @@ class EngineConfig:
     max_tokens_per_session: int = 0       # 0 = the model's context length
     max_total_tokens: int = 1_000_000
     max_batch_tokens: int = 4096          # new tokens per forward; bigger batches are split
+    # A forward's fixed cost in token rows (worker/grouping.py): a batch is split into forwards when padding its
+    # rows to the longest chunk would cost more than that per extra forward. 0 = the device's default.
+    forward_fixed_rows: int = 0
     features_top_k: int = 100
     features_dtype: str = "float32"
     threads: int = 0                      # torch intra-op threads; 0 = torch's default
@@ -427,16 +431,11 @@ class ModelEngine:
         return admitted, deferred
 
     def _chunks(self, works, runnable):
-        chunk, tokens = [], 0
-        for i in runnable:
-            n = len(works[i].tokens)
-            if chunk and tokens + n > self.config.max_batch_tokens:
-                yield chunk
-                chunk, tokens = [], 0
-            chunk.append(i)
-            tokens += n
-        if chunk:
-            yield chunk
+        """The forwards that run `runnable`: a new session's prompt does not pad every decode step in the
+        batch to its length (grouping.py)."""
+        fixed = self.config.forward_fixed_rows or DEFAULT_FIXED_ROWS.get(self.device.type, DEFAULT_FIXED_ROWS["cpu"])
+        for group in forward_groups([len(works[i].tokens) for i in runnable], fixed, self.config.max_batch_tokens):
+            yield [runnable[g] for g in group]
 
     def _run_chunk(self, works, chunk, outcomes) -> None:
         sessions = [self.kv.touch(works[i].session_id) for i in chunk]
