@@ -111,6 +111,17 @@ async def test_streamed_tokens_are_final_and_cut_at_a_stop_string(client, hf, ve
     assert cut.stats.finish_reason == "stop" and cut.stats.stop_sequence == stop
 
 
+async def test_a_stop_token_ends_a_verified_answer(client, verify_setup):
+    """A stop token id the LLM confirms (or writes) ends the answer there: no token after it, finish "stop"."""
+    _, _, threshold, _, _ = verify_setup
+    whole = await client.generate(PROMPTS[1], max_tokens=16, threshold=threshold, rollback_below=1.0)
+    stop_id = whole.token_ids[len(whole.token_ids) // 2]
+    cut = await client.generate(PROMPTS[1], max_tokens=16, threshold=threshold, rollback_below=1.0,
+                                stop_token_ids=[stop_id])
+    assert cut.token_ids == whole.token_ids[: whole.token_ids.index(stop_id)]
+    assert cut.stats.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 async def test_a_bad_rollback_below_is_invalid_argument(client, value):
     from r2r_client import InvalidRequest

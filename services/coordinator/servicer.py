@@ -42,6 +42,11 @@ class CoordinatorSettings:
     chat: ChatOptions = field(default_factory=ChatOptions)
 
 
+def _ending(token: int, eos: set[int]) -> int:
+    """The finish reason of an answer ended by `token`: EOS, or one of the request's stop token ids."""
+    return coordinator_pb2.FINISH_REASON_EOS if token in eos else coordinator_pb2.FINISH_REASON_STOP
+
+
 class _Rejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -180,7 +185,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             finish = None
             while finish is None:
-                ending, final_token = None, None  # why the answer would end now; an SLM-proposed last token
+                # Why the answer would end now; an SLM-proposed last token; a stop string only the probe saw.
+                ending, final_token, probed = None, None, False
                 if answer.generated >= budget:
                     ending = coordinator_pb2.FINISH_REASON_LENGTH
                 else:
@@ -192,7 +198,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                                               may_continue=answer.generated + 1 < budget)
                     if step.token in session.final_tokens:
                         answer.drop_cut(step)
-                        ending = coordinator_pb2.FINISH_REASON_EOS if step.token in eos else coordinator_pb2.FINISH_REASON_STOP
+                        ending = _ending(step.token, eos)
                         if step.provenance == common_pb2.PROVENANCE_SLM:
                             final_token = step.token
                     else:
@@ -203,27 +209,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                             finish = coordinator_pb2.FINISH_REASON_STOP
                             break
                         if session.verifying and answer.stop_in_tail():
-                            ending = coordinator_pb2.FINISH_REASON_STOP
+                            ending, probed = coordinator_pb2.FINISH_REASON_STOP, True
                 if ending is None:
                     continue
                 if session.verifying:
                     # The answer would end here: the LLM judges what it has not read yet first.
                     async with asyncio.timeout_at(deadline):
                         back = await verify_tail(session, self.llm, final_token)
-                    if back is not None and back.token in session.final_tokens:
-                        answer.drop_cut(back)  # the LLM ends the answer earlier, with its own token
-                        ending = coordinator_pb2.FINISH_REASON_EOS if back.token in eos else coordinator_pb2.FINISH_REASON_STOP
-                    elif back is not None:
+                    goes_on = back is not None and back.token not in session.final_tokens
+                    if goes_on:
                         answer.take(back)  # rolled back: the answer goes on from the LLM's token
+                    elif back is not None:
+                        answer.drop_cut(back)  # the LLM ends the answer earlier, with its own token
+                        ending, probed = _ending(back.token, eos), False
                     for event in answer.release():
                         yield event
                     if detok.stopped_by is not None:
                         finish = coordinator_pb2.FINISH_REASON_STOP
                         break
-                    if back is not None and back.token not in session.final_tokens:
+                    if goes_on or probed:  # a probe's false alarm: the released text holds no stop string
                         continue
-                    if final_token is None and ending == coordinator_pb2.FINISH_REASON_STOP:
-                        continue  # the stop-string probe fired, but the released text holds no stop string
                 finish = ending
             count = answer.released
             total = time.perf_counter() - started
