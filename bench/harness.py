@@ -109,7 +109,9 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies=strategies, threads=args.threads, log_dir=args.log_dir,
                                      variants=variants, slm_quantize=args.slm_quantize,
-                                     llm_quantize=args.llm_quantize, say=console.print)
+                                     llm_quantize=args.llm_quantize, say=console.print,
+                                     worker_args=["--forward-fixed-rows", str(args.forward_fixed_rows)]
+                                     if args.forward_fixed_rows else [])
     out: dict = {"calibration": {}, "runs": [], "sweep": []}
     try:
         with new_progress() as progress:
@@ -348,6 +350,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the shipped router at the first share in verify mode with each of these "
                         "rollback_below values (run r2r-verify-P: the LLM rolls back SLM tokens it gives P < this); "
                         "'' = skip")
+    p.add_argument("--forward-fixed-rows", type=int, default=0,
+                   help="the workers' --forward-fixed-rows (0 = their default; a huge value never splits a batch: "
+                        "every row padded to the longest chunk, as before the split existed)")
     p.add_argument("--skip-assisted", action="store_true")
     p.add_argument("--quality-only", action="store_true",
                    help="answers and grades only, at --quality-sessions: no 1-session timing, sweep, assisted "

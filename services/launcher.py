@@ -108,14 +108,15 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
                      router_strategy: str = "auto", router_checkpoint: str | None = None,
                      threshold: float | None = None, port: int | None = None, certs=None,
                      token: str | None = None, slm_quantize: str = "none", llm_quantize: str = "none",
-                     coordinator_args: list[str] | tuple[str, ...] = (), say=print) -> Deployment:
+                     coordinator_args: list[str] | tuple[str, ...] = (), worker_args: list[str] | tuple[str, ...] = (),
+                     say=print) -> Deployment:
     """Start SLM worker(s), LLM worker(s), the router and the coordinator, in dependency order.
 
     With `certs` (security.generate_dev_certs) every internal service requires the CA-signed client
     certificate (mutual TLS) that only the coordinator (and the launcher's health checks) holds; the
     coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
     never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none", "int8" or "int8-weight");
-    `coordinator_args`: more coordinator flags (a pair's chat options)."""
+    `coordinator_args`: more coordinator flags (a pair's chat options); `worker_args`: more flags for every worker."""
     internal_tls = _internal_tls(certs)
     common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls
     endpoints: dict[str, list[str]] = {"slm": [], "llm": []}
@@ -126,7 +127,7 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
             name = role if count == 1 else f"{role}-{i}"
             say(f"starting {name} worker ({model}, {dtype}{', ' + quantize if quant else ''}) ...", flush=True)
             endpoints[role].append(cluster.start(name, ["worker", "--role", role, "--model", model,
-                                                        "--dtype", dtype, *quant, *common]))
+                                                        "--dtype", dtype, *quant, *common, *worker_args]))
     slm_ep, llm_ep = ",".join(endpoints["slm"]), ",".join(endpoints["llm"])
     router_ep, coord_ep = start_router_and_coordinator(
         cluster, slm_ep, llm_ep, router_strategy=router_strategy, router_checkpoint=router_checkpoint,
