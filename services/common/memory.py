@@ -30,3 +30,30 @@ def release_free_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+class PeriodicHeapTrim:
+    """Trims the heap at most every `interval_s` seconds and reports what it gave back.
+
+    A serving worker allocates activations of ever-changing shapes (prefills of any length, ragged decode
+    batches, verify logits); glibc keeps the freed pages mapped in per-thread arenas, so resident memory
+    creeps far above the weights + KV the worker holds (the 1.5B LLM worker went 7.1 -> 13.3 GiB over an
+    hour of 16-session R2R and was OOM-killed on a 23 GiB machine). A trim costs milliseconds.
+    """
+
+    def __init__(self, interval_s: float, clock=None):
+        import time
+
+        self.interval_s = interval_s
+        self._clock = clock or time.monotonic
+        self._last = self._clock()
+
+    def maybe_trim(self) -> tuple[float, float] | None:
+        """(resident GiB before, after) when a trim ran now, else None."""
+        if self.interval_s <= 0 or self._clock() - self._last < self.interval_s:
+            return None
+        self._last = self._clock()
+        before = resident_gib()
+        if not release_free_heap() or before is None:
+            return None
+        return before, resident_gib() or before

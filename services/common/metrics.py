@@ -17,6 +17,8 @@ _TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 WORKER_ACTIVE_SESSIONS = Gauge("r2r_worker_active_sessions", "Sessions holding KV on this worker", ["role"])
 WORKER_KV_TOKENS = Gauge("r2r_worker_kv_tokens", "Tokens of KV held", ["role"])
 WORKER_KV_CAPACITY = Gauge("r2r_worker_kv_capacity_tokens", "KV budget in tokens", ["role"])
+WORKER_RESIDENT_BYTES = Gauge("r2r_worker_resident_bytes", "Resident memory of the worker process (after heap trims)",
+                              ["role"])
 WORKER_QUEUE_ITEMS = Gauge("r2r_worker_queue_items", "Extend items waiting for or in a forward pass", ["role"])
 WORKER_BATCH_SIZE = Histogram("r2r_worker_batch_size", "Sessions per forward pass", ["role"], buckets=_BATCH)
 WORKER_FORWARD_SECONDS = Histogram("r2r_worker_forward_seconds", "Time of one batched forward pass", ["role"],

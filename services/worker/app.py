@@ -44,6 +44,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forward-fixed-rows", type=int, default=0,
                    help="a forward's fixed cost in token rows: batches whose padding costs more are split "
                         "(0 = the device's default: 32 on a CPU, 512 on a GPU)")
+    p.add_argument("--trim-heap-every-s", type=float, default=30.0,
+                   help="give freed activation memory back to the OS at most this often (0 = never)")
     p.add_argument("--features-top-k", type=int, default=100)
     p.add_argument("--features-dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
@@ -79,11 +81,11 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
-                       tls: ServerTLS | None = None) -> ServiceHandle:
+                       tls: ServerTLS | None = None, trim_heap_every_s: float = 30.0) -> ServiceHandle:
     """Load, warm up and serve; health turns SERVING only after the warm-up forward. `tls` with a client CA =
     mutual TLS: only callers holding a certificate signed by it (the coordinator) get in."""
     engine = ModelEngine(config)
-    batcher = EngineBatcher(engine)
+    batcher = EngineBatcher(engine, trim_heap_every_s)
     # Load on the engine thread too: every thread that runs a parallel torch op gets its own OpenMP pool,
     # and with more pooled threads than cores libgomp stops spinning between parallel regions. A second pool
     # (the load's) made each CPU decode step ~15% slower, one core idling a third of the time.
@@ -107,6 +109,7 @@ async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int 
 async def run_worker(args: argparse.Namespace) -> None:
     start_metrics_server(args.metrics_port)
     tls = server_tls_from_args(args)
-    handle = await start_worker(config_from_args(args), args.host, args.port, tls=tls)
+    handle = await start_worker(config_from_args(args), args.host, args.port, tls=tls,
+                                trim_heap_every_s=args.trim_heap_every_s)
     print(f"{args.role} worker listening on {args.host}:{handle.port}", flush=True)
     await serve_until_signal(handle)

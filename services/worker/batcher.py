@@ -11,14 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
+from r2r_serve.common.memory import PeriodicHeapTrim
 from r2r_serve.worker.engine import ExtendOutcome, ExtendWork, ModelEngine
 
 log = get_logger(__name__)
 
 
 class EngineBatcher:
-    def __init__(self, engine: ModelEngine):
+    def __init__(self, engine: ModelEngine, trim_heap_every_s: float = 30.0):
         self.engine = engine
+        self._heap = PeriodicHeapTrim(trim_heap_every_s)
+        self._resident_gauge = metrics.WORKER_RESIDENT_BYTES.labels(engine.config.role)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._pending: list[tuple[list[ExtendWork], asyncio.Future]] = []
         self._wakeup = asyncio.Event()
@@ -86,3 +89,14 @@ class EngineBatcher:
                     if not fut.done():
                         fut.set_result(outcomes[start: start + len(works)])
                     start += len(works)
+                await self.call(self._trim_heap)
+
+    def _trim_heap(self) -> None:
+        """On the engine thread, between forwards: give freed activation pages back to the OS."""
+        trimmed = self._heap.maybe_trim()
+        if trimmed is None:
+            return
+        before, after = trimmed
+        self._resident_gauge.set(after * 2**30)
+        if before - after >= 0.25:  # only trims worth knowing about, so a steady worker logs nothing
+            log.info("heap_trimmed", resident_before_gib=round(before, 2), resident_gib=round(after, 2))
