@@ -49,9 +49,12 @@ class PeriodicHeapTrim:
         self._clock = clock or time.monotonic
         self._last = self._clock()
 
+    def due(self) -> bool:
+        return self.interval_s > 0 and self._clock() - self._last >= self.interval_s
+
     def maybe_trim(self) -> tuple[float, float] | None:
         """(resident GiB before, after) when a trim ran now, else None."""
-        if self.interval_s <= 0 or self._clock() - self._last < self.interval_s:
+        if not self.due():
             return None
         self._last = self._clock()
         before = resident_gib()

@@ -89,7 +89,8 @@ class EngineBatcher:
                     if not fut.done():
                         fut.set_result(outcomes[start: start + len(works)])
                     start += len(works)
-                await self.call(self._trim_heap)
+                if self._heap.due():  # checked here: no engine-thread round trip on the other forwards
+                    await self.call(self._trim_heap)
 
     def _trim_heap(self) -> None:
         """On the engine thread, between forwards: give freed activation pages back to the OS."""
