@@ -16,7 +16,7 @@ import os
 import random
 import time
 
-from r2r_serve.common.memory import release_free_heap, resident_gib
+from r2r_serve.common.memory import trim_heap
 from r2r_serve.models.pair_config import auto_dtype
 from r2r_serve.models.registry import resolve_model
 from r2r_serve.worker.engine import EngineConfig, ExtendWork, ModelEngine
@@ -38,9 +38,9 @@ def main() -> None:
                                       prefill_from_tokens=2, forward_fixed_rows=32))
     engine.load()
     engine.warmup()
-    release_free_heap()
+    _, resident = trim_heap()
     settings = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
-    print(f"loaded: {resident_gib():.2f} GiB resident; allocator settings: {settings or 'defaults'}", flush=True)
+    print(f"loaded: {resident:.2f} GiB resident; allocator settings: {settings or 'defaults'}", flush=True)
 
     rng = random.Random(args.seed)
     held: dict[str, int] = {}  # session -> tokens the engine holds
@@ -75,10 +75,10 @@ def main() -> None:
             start_session()
         steps += 1
         if time.monotonic() - last >= args.every_s:
-            release_free_heap()
+            _, resident = trim_heap()
             last = time.monotonic()
             print(f"{last - t0:6.0f} s  {steps} steps  {started} sessions started  "
-                  f"{resident_gib():.2f} GiB resident", flush=True)
+                  f"{resident:.2f} GiB resident", flush=True)
 
 
 if __name__ == "__main__":

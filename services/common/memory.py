@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 
 
 def resident_gib() -> float | None:
@@ -32,6 +33,13 @@ def release_free_heap() -> bool:
     return True
 
 
+def trim_heap() -> tuple[float | None, float | None]:
+    """Trim the heap; (resident GiB before, after), None where /proc cannot tell."""
+    before = resident_gib()
+    release_free_heap()
+    return before, resident_gib()
+
+
 class PeriodicHeapTrim:
     """Trims the heap at most every `interval_s` seconds and reports what it gave back.
 
@@ -43,8 +51,6 @@ class PeriodicHeapTrim:
     """
 
     def __init__(self, interval_s: float, clock=None):
-        import time
-
         self.interval_s = interval_s
         self._clock = clock or time.monotonic
         self._last = self._clock()
@@ -57,7 +63,5 @@ class PeriodicHeapTrim:
         if not self.due():
             return None
         self._last = self._clock()
-        before = resident_gib()
-        if not release_free_heap() or before is None:
-            return None
-        return before, resident_gib() or before
+        before, after = trim_heap()
+        return None if before is None or after is None else (before, after)

@@ -27,7 +27,7 @@ import torch
 from r2r_serve.common import metrics
 from r2r_serve.common.dtypes import default_prefill_from_tokens, parse_dtype_policy
 from r2r_serve.common.logging import get_logger
-from r2r_serve.common.memory import release_free_heap, resident_gib
+from r2r_serve.common.memory import trim_heap
 from r2r_serve.common.tensors import parse_dtype, to_proto
 from r2r_serve.common.tokenizer import fingerprint, tokenizer_files
 from r2r_serve.proto import common_pb2
@@ -269,13 +269,12 @@ class ModelEngine:
         self.eos_token_ids = self._eos_ids()
         self._metrics = _WorkerMetrics(cfg.role)
         self._metrics.kv_capacity.set(self.kv.max_total_tokens)
-        resident_before = resident_gib()
-        release_free_heap()  # the load's freed temporaries: gigabytes glibc would keep resident
+        resident_before, resident_after = trim_heap()  # the load's freed temporaries: gigabytes glibc would keep
         log.info("model_loaded", model=path, role=cfg.role, dtype=str(self.policy), device=cfg.device,
                  prefill_from_tokens=self.prefill_from if self.policy.split else None,
                  prepacked_linears=self.prepacked,
                  quantize=cfg.quantize, params_m=round(params / 1e6, 1),
-                 resident_gib=_round(resident_gib()), resident_before_trim_gib=_round(resident_before),
+                 resident_gib=_round(resident_after), resident_before_trim_gib=_round(resident_before),
                  load_s=round(time.perf_counter() - started, 2))
 
     def _eos_ids(self) -> list[int]:
