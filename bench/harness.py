@@ -77,6 +77,14 @@ def coordinator_variants(args) -> dict[str, list[str]]:
     return variants
 
 
+def sweep_only_variants(args) -> dict[str, list[str]]:
+    """Variants that differ from the plain coordinator only under concurrency: measured in the sweep alone
+    (at one session they would repeat the plain run)."""
+    if args.llm_only_above_sessions is None:
+        return {}
+    return {f"adaptive{args.llm_only_above_sessions}": ["--llm-only-above-sessions", str(args.llm_only_above_sessions)]}
+
+
 def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], variants=(),
               baseline_shares: list[float] | None = None, rollbacks: list[float] = ()) -> list[dict]:
     """The first strategy (the shipped router) at every share, the others (baseline routers) at every
@@ -105,10 +113,10 @@ def plan_runs(thresholds: dict[str, dict[float, float]], shares: list[float], va
 def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str | None]) -> dict:
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
     speed_requests = requests if args.quality_sessions == 1 else requests[: args.speed_problems]
-    variants = coordinator_variants(args)
+    variants, sweep_variants = coordinator_variants(args), sweep_only_variants(args)
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies=strategies, threads=args.threads, log_dir=args.log_dir,
-                                     variants=variants, slm_quantize=args.slm_quantize,
+                                     variants=variants | sweep_variants, slm_quantize=args.slm_quantize,
                                      llm_quantize=args.llm_quantize, say=console.print,
                                      worker_args=["--forward-fixed-rows", str(args.forward_fixed_rows)]
                                      if args.forward_fixed_rows else [])
@@ -157,6 +165,7 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                     sessions=1, progress=progress, label=f"{label} (speed, 1 session)")
                 out["runs"].append(dict(plan, quality=quality, speed=speed, workers=workers))
             sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], variants) if p["name"] in args.sweep_runs]
+            sweep_plans += [p for p in plan_runs(thresholds, args.shares[:1], sweep_variants) if VARIANT in (p["strategy"] or "")]
             if args.quality_only or not args.sweep:
                 sweep_plans = []
             sweep_prompts = requests[: max(args.sweep, default=0) * args.sweep_rounds]
@@ -353,6 +362,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--forward-fixed-rows", type=int, default=0,
                    help="the workers' --forward-fixed-rows (0 = their default; a huge value never splits a batch: "
                         "every row padded to the longest chunk, as before the split existed)")
+    p.add_argument("--llm-only-above-sessions", type=int, default=None, metavar="N",
+                   help="also sweep R2R with the coordinator's --llm-only-above-sessions N (run r2r-adaptiveN): "
+                        "above N active requests the LLM writes alone")
     p.add_argument("--skip-assisted", action="store_true")
     p.add_argument("--quality-only", action="store_true",
                    help="answers and grades only, at --quality-sessions: no 1-session timing, sweep, assisted "

@@ -1,5 +1,6 @@
 """Harness output: `summary.json` (the schema anyone can compare runs with), a rich table, the Markdown
-table the README quotes, and two plots (quality vs LLM share; quality vs speed with its Pareto front)."""
+table the README quotes, and plots: quality vs LLM share; quality vs speed with its Pareto front; aggregate
+tokens/s vs concurrent sessions when the run had a sweep."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 COLORS = {"slm": "#4c78a8", "llm": "#e45756", "r2r": "#54a24b", "r2r-entropy": "#f58518", "r2r-random": "#9d9d9d",
           "assisted": "#b279a2", "r2r-prefetch": "#2a7f3a",
-          "r2r-nolookahead": "#8c6d31"}
+          "r2r-nolookahead": "#8c6d31", "r2r-adaptive": "#17becf"}
 
 
 def _fmt(x, spec=".2f", none="–"):
@@ -88,6 +89,9 @@ def write(summary: dict, out_dir: Path, console: Console) -> None:
         plot_quality_vs_share(summary, out_dir / "quality_vs_share.png")
         plot_pareto(summary, out_dir / "quality_vs_speed.png")
         console.print(f"wrote {out_dir / 'quality_vs_share.png'} and quality_vs_speed.png")
+        if any(r.get("sweep") for r in summary["runs"]):
+            plot_sweep(summary, out_dir / "sweep.png")
+            console.print(f"wrote {out_dir / 'sweep.png'}")
     except ImportError:
         console.print("matplotlib not installed: no plots (pip install -e .[bench])")
 
@@ -96,6 +100,8 @@ def _family(name: str) -> str:
     for variant in ("-prefetch", "-nolookahead"):  # coordinator variants, whichever router they run with
         if name.endswith(variant):
             return "r2r" + variant
+    if "-adaptive" in name:  # r2r-adaptiveN: the coordinator's --llm-only-above-sessions N
+        return "r2r-adaptive"
     return name if name in COLORS else "r2r"
 
 
@@ -181,3 +187,36 @@ def plot_pareto(summary: dict, path: Path) -> None:
     sessions = _speed_sessions(summary)
     _finish(fig, ax, f"tokens/s per request (median, {sessions} session{'s' if sessions > 1 else ''})",
             "Quality vs speed (R2R points labelled with their LLM share)", summary, path)
+
+
+def plot_sweep(summary: dict, path: Path) -> None:
+    """Aggregate tokens/s against concurrent sessions, one line per run: where batching pays, and where the
+    LLM alone overtakes R2R (the crossover --llm-only-above-sessions is set from)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name: dict[str, list[tuple[int, float, float]]] = {}
+    for r in summary["runs"]:
+        if r.get("sweep"):
+            by_name.setdefault(r["name"], []).append((r["sessions"], r["aggregate_tokens_per_s"], r["llm_share"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for name, pts in by_name.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS.get(_family(name), "black"), label=name)
+        if name.startswith("r2r"):
+            for sessions, agg, share in pts:
+                ax.annotate(f"{100 * share:.0f}%", (sessions, agg), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    sessions = sorted({p[0] for pts in by_name.values() for p in pts})
+    ax.set_xticks(sessions, [str(x) for x in sessions])
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"Throughput vs concurrency (R2R points labelled with their LLM share)\n{_subtitle(summary)}",
+                 fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -37,6 +37,7 @@ class Outcome:
     tokens_per_s: float
     finish: str
     rollbacks: int = 0  # verify mode
+    load_llm_only_tokens: int = 0  # --llm-only-above-sessions: tokens the LLM wrote alone because of the load
 
     @property
     def itl_s(self) -> float:
@@ -118,7 +119,7 @@ async def _one(client, req: Request, threshold: float, max_tokens: int, stop: li
                    probabilities=[t.router_probability if t.router_probability is not None else -1.0 for t in r.tokens],
                    prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens, llm_share=s.llm_share,
                    ttft_s=s.time_to_first_token_s, total_s=s.total_s, tokens_per_s=s.tokens_per_s,
-                   finish=s.finish_reason, rollbacks=s.rollbacks)
+                   finish=s.finish_reason, rollbacks=s.rollbacks, load_llm_only_tokens=s.load_llm_only_tokens)
 
 
 async def _run(target: str, requests: list[Request], threshold: float, max_tokens: int, sessions: int,

@@ -125,6 +125,8 @@ def serve_plan(args) -> ServePlan:
         plan.coordinator_args += ["--llm-prefetch-min-tokens", str(args.llm_prefetch_min_tokens)]
     if not args.lookahead:
         plan.coordinator_args.append("--no-lookahead")
+    if args.llm_only_above_sessions is not None:
+        plan.coordinator_args += ["--llm-only-above-sessions", str(args.llm_only_above_sessions)]
     if pair is None:
         return plan
     if args.router_strategy == "auto" and not args.router_checkpoint and not args.slm:
@@ -333,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager LLM catch-up of lags >= N tokens while the LLM is idle (0 = off; see r2r coordinator)")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="send each next extend before the router has judged the token (see r2r coordinator)")
+    p.add_argument("--llm-only-above-sessions", type=int, default=None, metavar="N",
+                   help="above N active requests the LLM writes routed requests alone (off unless set; "
+                        "see r2r coordinator)")
     p.add_argument("--port", type=int, default=50051, help="coordinator port")
     p.add_argument("--gateway-port", type=int, default=0, help="also start the OpenAI-compatible gateway (0 = no)")
     p.add_argument("--log-dir", help="where service logs go (default: a new temp folder)")

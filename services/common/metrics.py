@@ -57,6 +57,10 @@ POOL_COALESCE_TIMEOUTS = Counter("r2r_pool_coalesce_timeouts", "Batches cut afte
                                  "window for a caller of the last batch that did not come back", ["pool"])
 POOL_REPLICA_SESSIONS = Gauge("r2r_pool_replica_sessions", "Sessions placed on each replica", ["pool", "replica"])
 POOL_REPLICAS = Gauge("r2r_pool_replicas", "Reachable replicas per pool", ["pool"])
+LOAD_MODE_SWITCHES = Counter("r2r_load_mode_switches", "Sessions switched to the LLM alone by load "
+                             "(--llm-only-above-sessions) or back to routing", ["to"])
+LOAD_LLM_ONLY_TOKENS = Counter("r2r_load_llm_only_tokens", "Tokens the LLM wrote alone because the coordinator "
+                               "was above --llm-only-above-sessions")
 ROUTER_FALLBACKS = Counter("r2r_router_fallbacks", "Steps decided without the router (router unavailable)",
                            ["fallback"])
 

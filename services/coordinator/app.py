@@ -52,6 +52,11 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="send each session's next extend as soon as its token is known, before the router has "
                         "judged it; discarded when the LLM changes the token (coordinator/lookahead.py)")
+    p.add_argument("--llm-only-above-sessions", type=int, default=None, metavar="N",
+                   help="while more than N requests are active, routed requests are written by the LLM alone "
+                        "(where batched LLM decode is compute-bound, e.g. a small CPU under load, R2R's SLM steps "
+                        "only add work; the bench sweep shows the crossover); off unless set "
+                        "(coordinator/load_policy.py)")
     p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
@@ -69,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                default_max_tokens=args.default_max_tokens, default_threshold=args.threshold,
                                router_fallback=args.router_fallback,
                                llm_prefetch_min_tokens=args.llm_prefetch_min_tokens,
-                               lookahead=args.lookahead,
+                               lookahead=args.lookahead, llm_only_above_sessions=args.llm_only_above_sessions,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
 
 

@@ -16,6 +16,7 @@ from r2r_serve.common import metrics
 from r2r_serve.common.logging import get_logger
 from r2r_serve.coordinator.batcher import BatchRejected, PeerUnavailable
 from r2r_serve.coordinator.detokenizer import StreamingDetokenizer
+from r2r_serve.coordinator.load_policy import LlmOnlyUnderLoad
 from r2r_serve.coordinator.pool import ExtendFailed, RouterClient, WorkerPool
 from r2r_serve.coordinator.prefetch import LlmPrefetcher
 from r2r_serve.coordinator.requests import ChatOptions, Limits, check_rest, max_new_tokens, prompt_ids
@@ -39,6 +40,7 @@ class CoordinatorSettings:
     router_fallback: str = "llm"            # when the router is unreachable: llm | slm | fail
     llm_prefetch_min_tokens: int = 0        # eager LLM catch-up of lags >= this while the LLM is idle; 0 = off
     lookahead: bool = True                  # send each next extend before the router has judged the token
+    llm_only_above_sessions: int | None = None  # above this many active requests the LLM writes alone; None = off
     chat: ChatOptions = field(default_factory=ChatOptions)
 
 
@@ -60,6 +62,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.tokenizer = tokenizer
         self.slm, self.llm, self.router = slm, llm, router
         self.prefetcher = LlmPrefetcher(llm, settings.llm_prefetch_min_tokens)
+        self.load_policy = LlmOnlyUnderLoad(settings.llm_only_above_sessions)
         self.eos_token_ids = eos_token_ids
         self.limits = Limits(max_prompt_tokens=settings.max_prompt_tokens, max_new_tokens=settings.max_new_tokens,
                              default_max_tokens=settings.default_max_tokens,
@@ -190,6 +193,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 if answer.generated >= budget:
                     ending = coordinator_pb2.FINISH_REASON_LENGTH
                 else:
+                    self.load_policy.update(session, self.active, self.slm, self.router, self.llm)
                     self.prefetcher.poke(session)  # first the prompt, while the SLM prefills it too
                     # The deadline bounds each step, never a `yield`: a timeout that fired while the consumer
                     # holds the generator would cancel gRPC's own write instead of this loop.
@@ -238,11 +242,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 llm_share=answer.llm_tokens / count if count else 0.0, time_to_first_token_s=answer.ttft,
                 total_s=total, tokens_per_s=count / total if total > 0 else 0.0,
                 stop_sequence=detok.stopped_by or "", text_tail=detok.finish(), verify_passes=session.verify_passes,
-                rollbacks=session.rollbacks, discarded_tokens=session.discarded_tokens)
+                rollbacks=session.rollbacks, discarded_tokens=session.discarded_tokens,
+                load_llm_only_tokens=answer.load_llm_only_tokens)
             log.info("request_finished", finish=coordinator_pb2.FinishReason.Name(finish), completion_tokens=count,
                      llm_tokens=answer.llm_tokens, total_s=round(total, 3), tokens_per_s=round(stats.tokens_per_s, 2),
                      **({"rollbacks": session.rollbacks, "verify_passes": session.verify_passes}
-                        if session.verifying else {}))
+                        if session.verifying else {}),
+                     **({"load_llm_only_tokens": answer.load_llm_only_tokens} if answer.load_llm_only_tokens else {}))
             yield coordinator_pb2.GenerateResponse(request_id=request_id, final=stats)
         except asyncio.CancelledError:
             log.info("request_cancelled", completion_tokens=answer.released)

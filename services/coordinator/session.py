@@ -35,6 +35,7 @@ class StepResult:
     logprob: float
     router_probability: float  # -1 when the router was not asked
     rollback_to: int = -1      # verify mode: the history was cut back to this position first (verify.py)
+    by_load: bool = False      # written by the LLM alone because of the load (load_policy.py)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Session:
     final_tokens: frozenset[int] = frozenset()  # tokens that end the answer (EOS, stop ids): nothing follows
     ahead: Lookahead | None = None  # the next step's extend, sent early (lookahead.py)
     rollback_below: float = 0.0  # verify mode (verify.py); 0 = off
+    llm_only_by_load: bool = False  # above --llm-only-above-sessions: the LLM writes every token (load_policy.py)
     verified: int = 0            # verify mode: tokens before this position are final (the LLM has judged them)
     verify_passes: int = 0
     rollbacks: int = 0
@@ -70,7 +72,7 @@ class Session:
 
     @property
     def routes_always(self) -> bool:
-        return self.threshold <= 0.0
+        return self.threshold <= 0.0 or self.llm_only_by_load
 
     async def settle_prefetch(self) -> None:
         """Wait for an eager catch-up in flight, so the LLM cursor is current before the LLM is called again.
@@ -149,4 +151,4 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
             # The LLM changed the token the SLM's lookahead assumed: start over from the LLM's.
             s.drop_lookahead()
             s.look_ahead(slm, s.slm, answer.token, want_features=True, may_continue=may_continue)
-    return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p)
+    return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p, by_load=s.llm_only_by_load)

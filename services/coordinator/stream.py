@@ -28,6 +28,7 @@ class AnswerStream:
         self.pending: list[StepResult] = []  # the steps of positions prompt_len + released ... end of history
         self.released = 0                    # completion tokens sent to the client
         self.llm_tokens = 0                  # of those, written by the LLM
+        self.load_llm_only_tokens = 0        # of those, written by the LLM alone because of the load
         self.started = self.last_at = started
         self.ttft = 0.0
 
@@ -66,6 +67,9 @@ class AnswerStream:
             self.last_at = now
             is_llm = step.provenance == common_pb2.PROVENANCE_LLM
             self.llm_tokens += is_llm
+            if step.by_load:
+                self.load_llm_only_tokens += 1
+                metrics.LOAD_LLM_ONLY_TOKENS.inc()
             metrics.TOKENS.labels("llm" if is_llm else "slm").inc()
             events.append(coordinator_pb2.GenerateResponse(request_id=self.request_id, token=coordinator_pb2.TokenEvent(
                 index=self.released, token_id=step.token, text=text, provenance=step.provenance,

@@ -398,7 +398,8 @@ def r2r_summary(stats: Stats) -> dict:
             "tokens_per_s": stats.tokens_per_s, "coordinator_finish_reason": stats.finish_reason,
             "stop_sequence": stats.stop_sequence or None,
             **({"verify_passes": stats.verify_passes, "rollbacks": stats.rollbacks,
-                "discarded_tokens": stats.discarded_tokens} if stats.verify_passes else {})}
+                "discarded_tokens": stats.discarded_tokens} if stats.verify_passes else {}),
+            **({"load_llm_only_tokens": stats.load_llm_only_tokens} if stats.load_llm_only_tokens else {})}
 
 
 def r2r_token(tok: Token) -> dict:

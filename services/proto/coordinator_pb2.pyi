@@ -90,7 +90,7 @@ class TokenEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, str]] = ..., logprob: _Optional[float] = ..., router_probability: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "llm_tokens", "llm_share", "time_to_first_token_s", "total_s", "tokens_per_s", "stop_sequence", "text_tail", "verify_passes", "rollbacks", "discarded_tokens")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "llm_tokens", "llm_share", "time_to_first_token_s", "total_s", "tokens_per_s", "stop_sequence", "text_tail", "verify_passes", "rollbacks", "discarded_tokens", "load_llm_only_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class GenerationStats(_message.Message):
     VERIFY_PASSES_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_LLM_ONLY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
@@ -117,7 +118,8 @@ class GenerationStats(_message.Message):
     verify_passes: int
     rollbacks: int
     discarded_tokens: int
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., llm_share: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stop_sequence: _Optional[str] = ..., text_tail: _Optional[str] = ..., verify_passes: _Optional[int] = ..., rollbacks: _Optional[int] = ..., discarded_tokens: _Optional[int] = ...) -> None: ...
+    load_llm_only_tokens: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., llm_tokens: _Optional[int] = ..., llm_share: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stop_sequence: _Optional[str] = ..., text_tail: _Optional[str] = ..., verify_passes: _Optional[int] = ..., rollbacks: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., load_llm_only_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token", "final")

@@ -40,6 +40,7 @@ class Stats:
     verify_passes: int = 0      # verify mode: LLM passes that judged SLM tokens,
     rollbacks: int = 0          # the rollbacks they made,
     discarded_tokens: int = 0   # and the SLM tokens those dropped
+    load_llm_only_tokens: int = 0  # tokens the LLM wrote alone because the server was under load
 
 
 @dataclass
@@ -98,4 +99,5 @@ def stats_from_proto(s: coordinator_pb2.GenerationStats) -> Stats:
                  completion_tokens=s.completion_tokens, llm_tokens=s.llm_tokens, llm_share=s.llm_share,
                  time_to_first_token_s=s.time_to_first_token_s, total_s=s.total_s, tokens_per_s=s.tokens_per_s,
                  stop_sequence=s.stop_sequence, text_tail=s.text_tail, verify_passes=s.verify_passes,
-                 rollbacks=s.rollbacks, discarded_tokens=s.discarded_tokens)
+                 rollbacks=s.rollbacks, discarded_tokens=s.discarded_tokens,
+                 load_llm_only_tokens=s.load_llm_only_tokens)
