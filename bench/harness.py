@@ -165,7 +165,8 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
                     sessions=1, progress=progress, label=f"{label} (speed, 1 session)")
                 out["runs"].append(dict(plan, quality=quality, speed=speed, workers=workers))
             sweep_plans = [p for p in plan_runs(thresholds, args.shares[:1], variants) if p["name"] in args.sweep_runs]
-            sweep_plans += [p for p in plan_runs(thresholds, args.shares[:1], sweep_variants) if VARIANT in (p["strategy"] or "")]
+            sweep_plans += [p for p in plan_runs(thresholds, args.shares[:1], sweep_variants)
+                            if VARIANT in (p["strategy"] or "")]
             if args.quality_only or not args.sweep:
                 sweep_plans = []
             sweep_prompts = requests[: max(args.sweep, default=0) * args.sweep_rounds]

@@ -207,7 +207,8 @@ def plot_sweep(summary: dict, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS.get(_family(name), "black"), label=name)
         if name.startswith("r2r"):
             for sessions, agg, share in pts:
-                ax.annotate(f"{100 * share:.0f}%", (sessions, agg), fontsize=7, xytext=(4, -9), textcoords="offset points")
+                ax.annotate(f"{100 * share:.0f}%", (sessions, agg), fontsize=7, xytext=(4, -9),
+                            textcoords="offset points")
     ax.set_xscale("log", base=2)
     sessions = sorted({p[0] for pts in by_name.values() for p in pts})
     ax.set_xticks(sessions, [str(x) for x in sessions])

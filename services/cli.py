@@ -249,7 +249,8 @@ def _generate(target: str, prompt: str, args, token: str | None = None, tls=None
         return 0
     console.print(Text(s.text_tail), end="")
     legend = "«…» = written by the LLM" if mark_llm else "magenta = written by the LLM"
-    console.print(f"\n\n— {s.completion_tokens} tokens · LLM wrote {100 * s.llm_share:.1f}% ({s.llm_tokens}) · "
+    by_load = f", {s.load_llm_only_tokens} of them alone under load" if s.load_llm_only_tokens else ""
+    console.print(f"\n\n— {s.completion_tokens} tokens · LLM wrote {100 * s.llm_share:.1f}% ({s.llm_tokens}{by_load}) · "
                   f"{s.tokens_per_s:.2f} tok/s · TTFT {s.time_to_first_token_s:.2f} s · finish: {s.finish_reason} "
                   f"· {legend}", style="dim")
     return 0
