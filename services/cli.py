@@ -297,7 +297,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from r2r_serve.common.security import add_client_tls_args
-    from r2r_serve.coordinator.app import add_coordinator_args
+    from r2r_serve.coordinator.app import add_coordinator_args, sessions_or_off
     from r2r_serve.gateway.app import add_gateway_args
     from r2r_serve.router.app import add_router_args
     from r2r_serve.router.strategies import STRATEGIES
@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager LLM catch-up of lags >= N tokens while the LLM is idle (0 = off; see r2r coordinator)")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="send each next extend before the router has judged the token (see r2r coordinator)")
-    p.add_argument("--llm-only-above-sessions", type=int, default=None, metavar="N",
-                   help="above N active requests the LLM writes routed requests alone (off unless set; "
+    p.add_argument("--llm-only-above-sessions", type=sessions_or_off, default=None, metavar="N|off",
+                   help="above N active requests the LLM writes routed requests alone (default off; "
                         "see r2r coordinator)")
     p.add_argument("--port", type=int, default=50051, help="coordinator port")
     p.add_argument("--gateway-port", type=int, default=0, help="also start the OpenAI-compatible gateway (0 = no)")

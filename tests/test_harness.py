@@ -71,7 +71,7 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
                        "--speed-problems", "2", "--quality-sessions", "2", "--calibration-prompts", "2",
                        "--calibration-max-tokens", "8", "--sweep", "1,2", "--sweep-rounds", "1", "--sweep-max-tokens", "6",
                        "--component-context", "16", "--component-max-tokens", "32", "--component-repeats", "1",
-                       "--skip-assisted", "--grade-workers", "2", "--out", str(out)])
+                       "--skip-assisted", "--grade-workers", "2", "--llm-only-above-sessions", "1", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("machine", "date", "model_pair", "runs", "r2r_measured_over_ideal"):
@@ -102,6 +102,10 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     assert all(r["problems"] == 3 for r in quality.values())
     sweep = sorted(r["sessions"] for r in summary["runs"] if r.get("sweep") and r["name"] == "llm")
     assert sweep == [1, 2]
+    # --llm-only-above-sessions 1: swept only (at one session it is the plain run); two sessions go to the LLM.
+    adaptive = {r["sessions"]: r for r in summary["runs"] if r["name"] == "r2r-entropy-adaptive1"}
+    assert sorted(adaptive) == [1, 2] and all(r.get("sweep") for r in adaptive.values())
+    assert adaptive[2]["llm_share"] >= 0.5
     # Where the sweep's time goes: every request's prompt is a prefill on the pool that serves it, its
     # other tokens are decode steps; the other pool does nothing.
     for r in (r for r in summary["runs"] if r.get("sweep") and r["name"] in ("slm", "llm")):
@@ -113,7 +117,7 @@ def test_whole_run_on_the_tiny_pair_writes_the_documented_outputs(tmp_path, tiny
     assert "wall " in (out / "summary.md").read_text().split("| run | sessions |")[1]
     assert summary["r2r_measured_over_ideal"] > 0
     assert (out / "summary.md").read_text().startswith("| run |")
-    for png in ("quality_vs_share.png", "quality_vs_speed.png"):
+    for png in ("quality_vs_share.png", "quality_vs_speed.png", "sweep.png"):
         assert (out / png).stat().st_size > 5000
 
 

@@ -14,6 +14,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from conftest import TOP_K
+from r2r_serve.cli import build_parser
 from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.coordinator.load_policy import LlmOnlyUnderLoad
 from r2r_serve.coordinator.servicer import CoordinatorSettings
@@ -59,6 +60,22 @@ def _check_token_by_token(hf, prompt_ids: list[int], result, threshold: float) -
 def test_the_limit_must_not_be_negative():
     with pytest.raises(ValueError, match=">= 0"):
         LlmOnlyUnderLoad(-1)
+
+
+@pytest.mark.parametrize("text, value", [("off", None), ("", None), ("0", 0), ("12", 12)])
+def test_the_flag_takes_a_session_count_or_off(text, value):
+    """`off` and an empty value (an unset configuration variable in the Kubernetes manifests) mean off."""
+    args = build_parser().parse_args(["coordinator", "--slm", "a:1", "--llm", "b:2", "--router", "c:3",
+                                      "--llm-only-above-sessions", text])
+    assert args.llm_only_above_sessions == value
+
+
+@pytest.mark.parametrize("text", ["-1", "many"])
+def test_a_bad_flag_value_is_refused_at_start(text, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["coordinator", "--slm", "a:1", "--llm", "b:2", "--router", "c:3",
+                                   "--llm-only-above-sessions", text])
+    assert "--llm-only-above-sessions" in capsys.readouterr().err
 
 
 async def test_always_over_the_limit_a_routed_request_is_the_llm_generate(services, hf):

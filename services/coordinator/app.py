@@ -52,10 +52,10 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="send each session's next extend as soon as its token is known, before the router has "
                         "judged it; discarded when the LLM changes the token (coordinator/lookahead.py)")
-    p.add_argument("--llm-only-above-sessions", type=int, default=None, metavar="N",
+    p.add_argument("--llm-only-above-sessions", type=sessions_or_off, default=None, metavar="N|off",
                    help="while more than N requests are active, routed requests are written by the LLM alone "
                         "(where batched LLM decode is compute-bound, e.g. a small CPU under load, R2R's SLM steps "
-                        "only add work; the bench sweep shows the crossover); off unless set "
+                        "only add work; the bench sweep shows the crossover); default off "
                         "(coordinator/load_policy.py)")
     p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
@@ -76,6 +76,19 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                llm_prefetch_min_tokens=args.llm_prefetch_min_tokens,
                                lookahead=args.lookahead, llm_only_above_sessions=args.llm_only_above_sessions,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
+
+
+def sessions_or_off(text: str) -> int | None:
+    """A session count >= 0, or off (also an empty value: an unset configuration variable)."""
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of sessions or 'off', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (or 'off'), got {value}")
+    return value
 
 
 def _json_object(text: str) -> dict:
