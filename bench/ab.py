@@ -8,6 +8,13 @@ aggregate tokens/s per variant, and writes JSON.
 
   python -m bench.ab --problems 3 --rounds 3 --share 0.1                       # lookahead vs --no-lookahead
   python -m bench.ab --variant prefetch=--llm-prefetch-min-tokens=16 --sessions 4
+  python -m bench.ab --modes llm,slm --variant none= --problems 4 --rounds 3   # R2R vs LLM alone vs SLM alone
+  python -m bench.ab --modes llm --variant adaptive3=--llm-only-above-sessions=3 --sessions 8 --changes-outputs
+
+`--modes llm,slm` adds the LLM alone (threshold 0) and the SLM alone (threshold 2) on the plain coordinator to
+the rotation: speed ratios between modes whose slow minutes fall alike. Only the R2R entries' outputs are
+compared (the modes answer differently by design); `--changes-outputs` skips that check for variants that
+change answers on purpose (--llm-only-above-sessions under load). `--variant none=` runs no variant.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from rich.table import Table
 from bench import humaneval, runner
 from bench.args import add_pair_args, resolve_auto_dtypes
 from bench.harness import new_progress
-from bench.machine import machine_description
+from bench.machine import machine_description, software_versions
 
 console = Console()
 PLAIN = "plain"
@@ -34,9 +41,14 @@ PLAIN = "plain"
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, flags = text.partition("=")
+    if name == "none" and not flags:
+        return name, []
     if not name or not flags:
         raise argparse.ArgumentTypeError(f"expected NAME=FLAGS (e.g. nolookahead=--no-lookahead), got {text!r}")
     return name, flags.split()
+
+
+MODE_THRESHOLDS = {"llm": 0.0, "slm": 2.0}  # the LLM alone, the SLM alone: on the plain coordinator
 
 
 def rotated(names: list[str], round_index: int) -> list[str]:
@@ -56,12 +68,15 @@ def main(argv=None) -> int:
     strategy = "neural" if checkpoint else "entropy"
     problems = humaneval.load_problems(args.problems)
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
-    variants = dict(args.variant or [("nolookahead", ["--no-lookahead"])])
+    variants = {name: flags for name, flags in (args.variant or [("nolookahead", ["--no-lookahead"])])
+                if name != "none"}
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype,
                                      llm_dtype=args.llm_dtype,
                                      strategies={strategy: checkpoint}, threads=args.threads, variants=variants,
                                      slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, say=console.print)
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
+    r2r_names = list(targets)
+    targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes}
     names = list(targets)
     results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
     try:
@@ -75,12 +90,14 @@ def main(argv=None) -> int:
                 threshold = cal["thresholds"][args.share]
             for i in range(args.rounds):
                 for name in rotated(names, i):
+                    mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(
-                        targets[name], requests, threshold=threshold, max_tokens=args.max_tokens,
+                        targets[name], requests, threshold=MODE_THRESHOLDS.get(mode, threshold),
+                        max_tokens=args.max_tokens,
                         sessions=args.sessions, progress=progress, label=f"round {i + 1} {name}"))
     finally:
         services.stop()
-    summary = summarize(results, threshold, args)
+    summary = summarize(results, threshold, args, compared=[] if args.changes_outputs else r2r_names)
     show(summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,9 +107,12 @@ def main(argv=None) -> int:
     return 0 if summary["outputs_agree"] else 1
 
 
-def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args) -> dict:
-    texts = {name: [o.text for r in runs for o in r.outcomes] for name, runs in results.items()}
-    reference = next(iter(texts.values()))
+def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args,
+              compared: list[str] | None = None) -> dict:
+    """`compared`: the entries whose answers must agree (default: all)."""
+    compared = list(results) if compared is None else compared
+    texts = {name: [o.text for r in results[name] for o in r.outcomes] for name in compared}
+    reference = next(iter(texts.values()), None)
     variants = {}
     for name, runs in results.items():
         per_request = [o.tokens_per_s for r in runs for o in r.outcomes]
@@ -103,22 +123,29 @@ def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args
             llm_share=statistics.median(r.llm_share for r in runs),
             ttft_s=statistics.median(o.ttft_s for r in runs for o in r.outcomes))
     plain = variants[PLAIN]["aggregate_tokens_per_s"]
+    plain_by_round = variants[PLAIN]["aggregate_by_round"]
     for v in variants.values():
         v["aggregate_vs_plain"] = v["aggregate_tokens_per_s"] / plain if plain else None
+        # Per round (the entries of one round ran minutes apart at most): the median of those ratios.
+        v["vs_plain_by_round_median"] = statistics.median(
+            a / b for a, b in zip(v["aggregate_by_round"], plain_by_round) if b)
     return dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 threshold=threshold, problems=args.problems, rounds=args.rounds, sessions=args.sessions,
                 max_tokens=args.max_tokens, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
+                modes=list(args.modes), compared=compared, versions=software_versions(),
                 variants=variants, outputs_agree=all(t == reference for t in texts.values()))
 
 
 def show(summary: dict) -> None:
     table = Table(title=f"A/B at threshold {summary['threshold']:.4f}, {summary['sessions']} session(s), "
                         f"{summary['rounds']} rounds")
-    for col in ("variant", "tok/s per request", "aggregate tok/s", "vs plain", "LLM share", "TTFT s"):
+    for col in ("variant", "tok/s per request", "aggregate tok/s", "vs plain", "vs plain (per round)", "LLM share",
+                "TTFT s"):
         table.add_column(col)
     for name, v in summary["variants"].items():
         table.add_row(name, f"{v['tokens_per_s']:.2f}", f"{v['aggregate_tokens_per_s']:.2f}",
-                      f"{v['aggregate_vs_plain']:.3f}", f"{v['llm_share']:.1%}", f"{v['ttft_s']:.2f}")
+                      f"{v['aggregate_vs_plain']:.3f}", f"{v['vs_plain_by_round_median']:.3f}",
+                      f"{v['llm_share']:.1%}", f"{v['ttft_s']:.2f}")
     console.print(table)
     if not summary["outputs_agree"]:
         console.print("[red]the variants' answers differ: a scheduling change altered outputs[/]")
@@ -129,6 +156,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_pair_args(p)
     p.add_argument("--variant", type=parse_variant, action="append", metavar="NAME=FLAGS",
                    help="a coordinator variant and its extra flags (repeatable; default: nolookahead=--no-lookahead)")
+    p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=[],
+                   help="also rotate these modes on the plain coordinator: llm (threshold 0), slm (threshold 2)")
+    p.add_argument("--changes-outputs", action="store_true",
+                   help="do not require the R2R entries' answers to agree (a variant that changes them on purpose)")
     p.add_argument("--problems", type=int, default=3, help="the first N HumanEval problems")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sessions", type=int, default=1, help="requests in flight at once")
@@ -136,7 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", type=float, default=0.1, help="calibrate the threshold for this LLM share")
     p.add_argument("--threshold", type=float, default=None, help="use this threshold instead of calibrating")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ab"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.modes) - set(MODE_THRESHOLDS)
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODE_THRESHOLDS)})")
+    return args
 
 
 if __name__ == "__main__":

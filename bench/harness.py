@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bench import components as comp  # noqa: E402
 from bench import answers, humaneval, report, runner  # noqa: E402
 from bench.args import add_pair_args, resolve_auto_dtypes  # noqa: E402
-from bench.machine import machine_description  # noqa: E402
+from bench.machine import machine_description, software_versions  # noqa: E402
 
 console = Console()
 STRATEGY_RUN_NAMES = {"neural": "r2r", "entropy": "r2r-entropy", "random": "r2r-random"}
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
                               target_share=s["target_share"], router=s["strategy"]))
     primary = "r2r" if checkpoint else STRATEGY_RUN_NAMES.get(next(iter(strategies), ""), "r2r")
     neural = [r for r in runs if r["name"] == primary and r.get("measured_over_ideal") and not r.get("sweep")]
-    summary = dict(machine=machine_description(args.device), device=args.device,
+    summary = dict(machine=machine_description(args.device), device=args.device, versions=software_versions(),
                    date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    model_pair=f"{Path(slm).name} + {Path(llm).name}", slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                    slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, max_tokens=args.max_tokens, runs=runs,

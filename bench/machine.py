@@ -35,3 +35,17 @@ def instruction_set() -> str:
         if needs <= flags:
             return level
     return "no AVX2"
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run's speed depends on besides the machine (a transformers release can change a small
+    model's step cost as much as a CPU can)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "grpcio", "r2r-serve"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out

@@ -243,3 +243,30 @@ def test_grade_scores_saved_answers_files(tmp_path):
     assert by_name["slm"]["humaneval_pass1"] == 0.5 and by_name["slm"]["passed_tasks"] == [p1.task_id]
     assert by_name["slm"]["aggregate_tokens_per_s"] == 2.0  # 8 tokens in 4 s
     assert graded["paired"] == {"slm@2": {"only_llm_passes": [p0.task_id], "only_this_passes": []}}
+
+
+def test_ab_rotates_modes_beside_the_r2r_coordinators(tmp_path, tiny_pair):
+    """bench.ab --modes: the LLM alone and the SLM alone join the rotation on the plain coordinator; only the
+    R2R entries' answers are compared, and each entry reports its ratio to R2R per round."""
+    from bench import ab
+
+    tiny_dir = Path(tiny_pair["slm"]).parent
+    out = tmp_path / "ab"
+    rc = ab.main(["--tiny", str(tiny_dir), "--problems", "2", "--rounds", "2", "--max-tokens", "8",
+                  "--modes", "llm,slm", "--variant", "nolookahead=--no-lookahead", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(next(out.glob("ab-*.json")).read_text())
+    variants = summary["variants"]
+    assert set(variants) == {"plain", "nolookahead", "llm-only", "slm-only"}
+    assert variants["llm-only"]["llm_share"] == 1.0 and variants["slm-only"]["llm_share"] == 0.0
+    assert summary["compared"] == ["plain", "nolookahead"] and summary["outputs_agree"]
+    assert all(len(v["aggregate_by_round"]) == 2 and v["vs_plain_by_round_median"] > 0 for v in variants.values())
+    assert variants["plain"]["vs_plain_by_round_median"] == 1.0
+    assert set(summary["versions"]) >= {"torch", "transformers"}
+
+
+def test_ab_refuses_an_unknown_mode():
+    from bench import ab
+
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--modes", "llm,gpu"])

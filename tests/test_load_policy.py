@@ -123,30 +123,51 @@ async def test_below_the_limit_nothing_changes(services, hf):
 
 
 async def test_an_answer_switches_to_the_llm_while_the_load_is_high_and_back_after(services, hf):
-    """A long answer runs alone (routing), a second request joins (2 > 1: both LLM-only), the second ends
-    (routing again). Each pool catches the session up over the other mode's tokens: every token must still
+    """A long answer runs alone (routing); two more requests join (3 > 2: all LLM-only); they end (1 <= 2 // 2:
+    routing again). Each pool catches the session up over the other mode's tokens: every token must still
     be the reference's choice at its history."""
     from r2r_client import AsyncR2RClient
 
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
     back_before = _switches("routed")
-    coord = await _coordinator(services, 1)
+    coord = await _coordinator(services, 2)
     try:
         async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
             long_answer = client.stream(PROMPTS[0], max_tokens=160, threshold=threshold, ignore_eos=True)
             tokens, joined = [], None
             async for tok in long_answer:
                 tokens.append(tok)
-                if len(tokens) == 8:  # the long answer is under way: a second request joins, and ends
-                    joined = await client.generate(PROMPTS[1], max_tokens=24, threshold=threshold, ignore_eos=True)
+                if len(tokens) == 8:  # the long answer is under way: two requests join, and end
+                    joined = await asyncio.gather(*(client.generate(p, max_tokens=24, threshold=threshold,
+                                                                    ignore_eos=True) for p in PROMPTS[1:3]))
     finally:
         await coord.stop(0.5)
-    long_result = type(joined)(request_id=long_answer.request_id, text=long_answer.text, tokens=tokens,
-                               stats=long_answer.stats)
+    long_result = type(joined[0])(request_id=long_answer.request_id, text=long_answer.text, tokens=tokens,
+                                  stats=long_answer.stats)
     load_steps = _check_token_by_token(hf, ids_of(hf, PROMPTS[0]), long_result, threshold)
     assert 0 < load_steps < len(tokens), "the long answer never switched, or never came back"
     load_positions = [i for i, t in enumerate(tokens) if t.router_probability is None]
     assert load_positions[0] >= 1 and any(t.router_probability is not None for t in tokens[load_positions[-1] + 1:]), \
         "expected routed steps before the load came and after it went"
-    assert _check_token_by_token(hf, ids_of(hf, PROMPTS[1]), joined, threshold) > 0
+    assert sum(_check_token_by_token(hf, ids_of(hf, p), r, threshold) for p, r in zip(PROMPTS[1:3], joined)) > 0
     assert _switches("routed") - back_before >= 1
+
+
+def test_a_session_goes_back_to_routing_only_well_below_the_limit():
+    """Hysteresis: above 2 a session goes to the LLM; at 2 it stays there (2 > 2 // 2), at 1 it routes again.
+    Requests that do not route (SLM-only, LLM-only) and verify mode never switch."""
+    from r2r_serve.coordinator.session import Session
+
+    policy = LlmOnlyUnderLoad(2)
+
+    def session(**kw) -> Session:
+        return Session(session_id="s", history=[1, 2], prompt_len=2, sampling=None, **kw)
+
+    s, seen = session(threshold=0.5), []
+    for active in (1, 2, 3, 2, 1, 2):
+        s.llm_only_by_load = policy.wants_llm_only(s, active)
+        seen.append(s.llm_only_by_load)
+    assert seen == [False, False, True, True, False, False]
+    for other in (session(threshold=1.5), session(threshold=0.0), session(threshold=0.5, rollback_below=0.1)):
+        assert not policy.wants_llm_only(other, 10)
+    assert not LlmOnlyUnderLoad(None).wants_llm_only(session(threshold=0.5), 10)

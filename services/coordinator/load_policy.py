@@ -8,9 +8,11 @@ the LLM alone is faster there, and writes the LLM's own answer. vLLM offers the 
 speculative decoding (`speculative_disable_by_batch_size`); unlike speculation, R2R's text changes (towards
 the LLM's), so each answer reports how many of its tokens were written this way.
 
-The decision is made per step, from the number of active requests: a session switches to the LLM alone while
-the load is above N and routes again once it falls to N or below (each pool catches the session up lazily, as
-for any routed token). Only routed requests switch: an explicit SLM-only (threshold > 1) or LLM-only request
+The decision is made per step, from the number of active requests: a session switches to the LLM alone when
+the load is above N and routes again once it falls to N // 2 or below (each pool catches the session up lazily,
+as for any routed token). The gap is hysteresis: going back costs the SLM a prefill of everything the LLM
+wrote meanwhile (on a 2-core CPU ~1 s for 250 tokens, ten SLM steps), worth paying only well below the
+crossover, not each time one of N + 1 sessions finishes. Only routed requests switch: an explicit SLM-only (threshold > 1) or LLM-only request
 keeps its mode, and verify mode (a request asking for the LLM's judgement of every SLM token) is left alone.
 The bench harness's concurrency sweep shows where the LLM alone overtakes R2R on a machine: set N there.
 """
@@ -32,11 +34,15 @@ class LlmOnlyUnderLoad:
     def eligible(s: Session) -> bool:
         return 0.0 < s.threshold <= 1.0 and s.rollback_below <= 0.0
 
+    def wants_llm_only(self, s: Session, active: int) -> bool:
+        """Should the session's next step be the LLM's alone, with `active` requests running?"""
+        if self.above_sessions is None or not self.eligible(s):
+            return False
+        return active > (self.above_sessions // 2 if s.llm_only_by_load else self.above_sessions)
+
     def update(self, s: Session, active: int, slm: WorkerPool, router: RouterClient, llm: WorkerPool) -> None:
         """Before a step: put the session in (or out of) LLM-only mode for the current load."""
-        if self.above_sessions is None or not self.eligible(s):
-            return
-        wanted = active > self.above_sessions
+        wanted = self.wants_llm_only(s, active)
         if wanted == s.llm_only_by_load:
             return
         s.llm_only_by_load = wanted
