@@ -12,9 +12,10 @@ The decision is made per step, from the number of active requests: a session swi
 the load is above N and routes again once it falls to N // 2 or below (each pool catches the session up lazily,
 as for any routed token). The gap is hysteresis: going back costs the SLM a prefill of everything the LLM
 wrote meanwhile (on a 2-core CPU ~1 s for 250 tokens, ten SLM steps), worth paying only well below the
-crossover, not each time one of N + 1 sessions finishes. Only routed requests switch: an explicit SLM-only (threshold > 1) or LLM-only request
-keeps its mode, and verify mode (a request asking for the LLM's judgement of every SLM token) is left alone.
-The bench harness's concurrency sweep shows where the LLM alone overtakes R2R on a machine: set N there.
+crossover, not each time one of N + 1 sessions finishes. Only routed requests switch: an explicit SLM-only
+(threshold > 1) or LLM-only request keeps its mode, and verify mode (a request asking for the LLM's judgement
+of every SLM token) is left alone. The bench harness's concurrency sweep shows where the LLM alone overtakes
+R2R on a machine: set N there.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ x[0..l). Each step:
      reads and may cut the history back to the first it rejects; verify.py.)
 A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
 the SLM's proposal is not needed and is skipped (the LLM alone). When the router cannot be reached the
-coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail".
+coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail". Under load
+(--llm-only-above-sessions, load_policy.py) a routed session can step as an LLM-only one for a while.
 With lookahead on, each step sends the next step's first extend as soon as its token is known, even before
 the router has judged it (lookahead.py): the worker computes while the coordinator routes and streams.
 """
