@@ -118,11 +118,11 @@ def _subtitle(summary: dict) -> str:
     return f"{summary['model_pair']}\n{summary.get('device', '')}: {summary['machine'][:80]}, {summary['date'][:10]}"
 
 
-def _finish(fig, ax, xlabel: str, title: str, summary: dict, path: Path) -> None:
+def _finish(fig, ax, xlabel: str, title: str, summary: dict, path: Path, ylabel: str = "HumanEval pass@1 (%)") -> None:
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("HumanEval pass@1 (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"{title}\n{_subtitle(summary)}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -212,12 +212,5 @@ def plot_sweep(summary: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     sessions = sorted({p[0] for pts in by_name.values() for p in pts})
     ax.set_xticks(sessions, [str(x) for x in sessions])
-    ax.set_xlabel("concurrent sessions")
-    ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"Throughput vs concurrency (R2R points labelled with their LLM share)\n{_subtitle(summary)}",
-                 fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "concurrent sessions", "Throughput vs concurrency (R2R points labelled with their LLM share)",
+            summary, path, ylabel="aggregate tokens/s")
