@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -764,12 +765,21 @@ def _group_layer_class():
 
             def __init__(self, group: DecodeGroup, index: int):
                 super().__init__()
-                self.group, self.index = group, index
+                # A weak reference: the group caches its layers, and a strong one back would make a cycle that
+                # only Python's cyclic GC frees. Dropped groups (a regroup can happen every step when sessions
+                # wait on the LLM) then pinned their KV buffers for minutes and the SLM worker's resident
+                # memory grew by gigabytes in half an hour of 16-session R2R.
+                self._group, self.index = weakref.ref(group), index
                 self.is_initialized = True
                 self.device = group.keys[index].device
 
+            @property
+            def group(self) -> DecodeGroup:
+                return self._group()
+
             def update(self, key_states, value_states, *args, **kwargs):
-                g, i, w = self.group, self.index, self.group.width
+                g, i = self.group, self.index
+                w = g.width
                 end = w + key_states.shape[-2]
                 g.keys[i][:, :, w:end] = key_states  # cast to the cache's dtype when the forward's differs
                 g.values[i][:, :, w:end] = value_states
