@@ -9,12 +9,15 @@ aggregate tokens/s per variant, and writes JSON.
   python -m bench.ab --problems 3 --rounds 3 --share 0.1                       # lookahead vs --no-lookahead
   python -m bench.ab --variant prefetch=--llm-prefetch-min-tokens=16 --sessions 4
   python -m bench.ab --modes llm,slm --variant none= --problems 4 --rounds 3   # R2R vs LLM alone vs SLM alone
+  python -m bench.ab --modes llm,assisted --variant none= --problems 4 --rounds 3   # ... vs HF assisted generation
   python -m bench.ab --modes llm --variant adaptive3=--llm-only-above-sessions=3 --sessions 8 --changes-outputs
 
 `--modes llm,slm` adds the LLM alone (threshold 0) and the SLM alone (threshold 2) on the plain coordinator to
 the rotation: speed ratios between modes whose slow minutes fall alike. Only the R2R entries' outputs are
 compared (the modes answer differently by design); `--changes-outputs` skips that check for variants that
 change answers on purpose (--llm-only-above-sessions under load). `--variant none=` runs no variant.
+`--modes assisted` adds Hugging Face assisted generation with the same pair, dtypes, threads and quantization,
+in this process (the services idle meanwhile; batch 1 only, as HF assists one sequence).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import humaneval, runner
+from bench import assisted, humaneval, runner
 from bench.args import add_pair_args, resolve_auto_dtypes
 from bench.harness import new_progress
 from bench.machine import machine_description, software_versions
@@ -49,6 +52,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 MODE_THRESHOLDS = {"llm": 0.0, "slm": 2.0}  # the LLM alone, the SLM alone: on the plain coordinator
+ASSISTED = "assisted"  # in-process HF assisted generation, no services
 
 
 def rotated(names: list[str], round_index: int) -> list[str]:
@@ -76,12 +80,13 @@ def main(argv=None) -> int:
                                      slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, say=console.print)
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
     r2r_names = list(targets)
-    targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes}
-    names = list(targets)
+    targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes if mode in MODE_THRESHOLDS}
+    names = list(targets) + ([ASSISTED] if ASSISTED in args.modes else [])
     results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
     try:
         for target in targets.values():
             runner.warm_up(target, [2.0, 0.0, 0.5])
+        pair = load_assisted(args, slm, llm, requests[0]) if ASSISTED in args.modes else None
         threshold = args.threshold
         with new_progress() as progress:
             if threshold is None:
@@ -90,6 +95,10 @@ def main(argv=None) -> int:
                 threshold = cal["thresholds"][args.share]
             for i in range(args.rounds):
                 for name in rotated(names, i):
+                    if name == ASSISTED:
+                        results[name].append(assisted.run_requests(pair, requests, args.max_tokens, stop=runner.STOP,
+                                                                   progress=progress, label=f"round {i + 1} {name}"))
+                        continue
                     mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(
                         targets[name], requests, threshold=MODE_THRESHOLDS.get(mode, threshold),
@@ -105,6 +114,15 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {path}")
     return 0 if summary["outputs_agree"] else 1
+
+
+def load_assisted(args, slm: str, llm: str, warm: runner.Request) -> "assisted.Pair":
+    """The pair for HF assisted generation, loaded as the workers load theirs, after one short untimed answer
+    (first-call allocations would otherwise land on the first round)."""
+    pair = assisted.load_pair(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
+                              threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
+    assisted.generate(pair, warm.messages, 8, "assisted")
+    return pair
 
 
 def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args,
@@ -129,6 +147,10 @@ def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args
         # Per round (the entries of one round ran minutes apart at most): the median of those ratios.
         v["vs_plain_by_round_median"] = statistics.median(
             a / b for a, b in zip(v["aggregate_by_round"], plain_by_round) if b)
+    if ASSISTED in results and "llm-only" in results:  # lossless up to rounding: how often it gave the LLM's answer
+        pairs = [(x.text, y.text) for a, b in zip(results[ASSISTED], results["llm-only"])
+                 for x, y in zip(a.outcomes, b.outcomes)]
+        variants[ASSISTED]["same_answer_as_llm"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
     return dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 threshold=threshold, problems=args.problems, rounds=args.rounds, sessions=args.sessions,
                 max_tokens=args.max_tokens, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
@@ -157,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", type=parse_variant, action="append", metavar="NAME=FLAGS",
                    help="a coordinator variant and its extra flags (repeatable; default: nolookahead=--no-lookahead)")
     p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=[],
-                   help="also rotate these modes on the plain coordinator: llm (threshold 0), slm (threshold 2)")
+                   help="also rotate these: llm (threshold 0) and slm (threshold 2) on the plain coordinator, "
+                        "assisted (HF assisted generation in this process; --sessions 1)")
     p.add_argument("--changes-outputs", action="store_true",
                    help="do not require the R2R entries' answers to agree (a variant that changes them on purpose)")
     p.add_argument("--problems", type=int, default=3, help="the first N HumanEval problems")
@@ -168,9 +191,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="use this threshold instead of calibrating")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ab"))
     args = p.parse_args(argv)
-    unknown = set(args.modes) - set(MODE_THRESHOLDS)
+    known = [*MODE_THRESHOLDS, ASSISTED]
+    unknown = set(args.modes) - set(known)
     if unknown:
-        p.error(f"--modes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODE_THRESHOLDS)})")
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(known)})")
+    if ASSISTED in args.modes and args.sessions != 1:
+        p.error("--modes assisted runs one request at a time (HF assisted generation assists one sequence); "
+                "use --sessions 1")
     return args
 
 

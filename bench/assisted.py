@@ -194,6 +194,25 @@ def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop
                   tokens_per_s=len(completion) / total if total > 0 else 0.0)
 
 
+def run_requests(pair: Pair, requests, max_tokens: int, stop: Sequence[str] = (), progress=None,
+                 label: str = "assisted generation"):
+    """`requests` (bench.runner.Request) one after another in assisted mode, as a bench.runner.RunResult so
+    assisted runs sit beside the services' runs in the harness and in bench.ab (HF assists one sequence)."""
+    from bench.runner import Outcome, RunResult
+
+    task = progress.add_task(label, total=len(requests)) if progress is not None else None
+    outcomes = []
+    start = time.perf_counter()
+    for req in requests:
+        r = generate(pair, req.messages, max_tokens, "assisted", stop=stop)
+        outcomes.append(Outcome(key=req.key, text=r.text, sources=["llm"] * r.completion_tokens, probabilities=[],
+                                prompt_tokens=0, completion_tokens=r.completion_tokens, llm_share=1.0,
+                                ttft_s=r.ttft_s, total_s=r.total_s, tokens_per_s=r.tokens_per_s, finish=""))
+        if task is not None:
+            progress.advance(task)
+    return RunResult(outcomes, time.perf_counter() - start, 1)
+
+
 def _checked_assistant(pair: Pair) -> torch.nn.Module:
     # Different vocab sizes send HF to its "different tokenizers" path (re-tokenizing text): not this baseline.
     sizes = (pair.slm.config.get_text_config().vocab_size, pair.llm.config.get_text_config().vocab_size)

@@ -190,20 +190,11 @@ def assisted_phase(args, slm: str, llm: str, problems) -> runner.RunResult | Non
 
     pair = assisted.load_pair(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                               threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
-    chosen = problems[: args.speed_problems]
-    outcomes = []
-    start = time.perf_counter()
+    requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems[: args.speed_problems]]
     with new_progress() as progress:
-        task = progress.add_task("assisted generation", total=len(chosen))
-        for p in chosen:
-            r = assisted.generate(pair, humaneval.chat_messages(p), args.max_tokens, "assisted", stop=runner.STOP)
-            outcomes.append(runner.Outcome(key=p.task_id, text=r.text, sources=["llm"] * r.completion_tokens,
-                                           probabilities=[], prompt_tokens=0, completion_tokens=r.completion_tokens,
-                                           llm_share=1.0, ttft_s=r.ttft_s, total_s=r.total_s,
-                                           tokens_per_s=r.tokens_per_s, finish=""))
-            progress.advance(task)
+        result = assisted.run_requests(pair, requests, args.max_tokens, stop=runner.STOP, progress=progress)
     del pair
-    return runner.RunResult(outcomes, time.perf_counter() - start, 1)
+    return result
 
 
 def ideal_report(result: runner.RunResult, mode: str, components: comp.Components) -> dict:

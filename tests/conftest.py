@@ -74,6 +74,21 @@ async def worker_with_stub(path, role: str):
         await handle.stop(0.5)
 
 
+@contextlib.asynccontextmanager
+async def own_coordinator(services, settings: CoordinatorSettings | None = None, *, llm_target: str | None = None):
+    """A coordinator of one test's own (its settings, its batchers) on the shared workers and router, and a
+    client to it: yields (coordinator handle, AsyncR2RClient); the coordinator is stopped after."""
+    from r2r_client import AsyncR2RClient
+
+    coord = await start_coordinator(services.slm_target, llm_target or services.llm_target,
+                                    services.coord.servicer.router.endpoint, settings or CoordinatorSettings())
+    try:
+        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
+            yield coord, client
+    finally:
+        await coord.stop(0.5)
+
+
 async def active_sessions(stub) -> int:
     """Sessions the worker holds KV for."""
     return (await stub.GetLoad(worker_pb2.GetLoadRequest())).active_sessions

@@ -11,28 +11,21 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import own_coordinator
 from test_anchors import PROMPTS, ids_of
 from test_dtype_policy import _threshold_between_scores
 
 
 async def test_batchers_never_wait_for_a_session_that_left(services, hf):
-    from r2r_client import AsyncR2RClient
-    from r2r_serve.coordinator.app import start_coordinator
-
-    coord = await start_coordinator(services.slm_target, services.llm_target,
-                                    services.coord.servicer.router.endpoint)
-    servicer = coord.servicer
-    batchers = {"slm": servicer.slm.replicas[0].batcher, "llm": servicer.llm.replicas[0].batcher,
-                "router": servicer.router.batcher}
-    for b in batchers.values():
-        b.coalesce_s = 0.3
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
-    try:
-        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-            results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold)
-                                             for p in PROMPTS[:4]))
-    finally:
-        await coord.stop(0.5)
+    async with own_coordinator(services) as (coord, client):
+        servicer = coord.servicer
+        batchers = {"slm": servicer.slm.replicas[0].batcher, "llm": servicer.llm.replicas[0].batcher,
+                    "router": servicer.router.batcher}
+        for b in batchers.values():
+            b.coalesce_s = 0.3
+        results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold)
+                                         for p in PROMPTS[:4]))
     routed = sum(r.stats.llm_tokens for r in results)
     assert 0 < routed < sum(len(r.token_ids) for r in results), "both models should write tokens"
     assert batchers["slm"].largest_batch >= 3  # the sessions really shared SLM forwards

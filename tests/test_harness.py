@@ -265,8 +265,29 @@ def test_ab_rotates_modes_beside_the_r2r_coordinators(tmp_path, tiny_pair):
     assert set(summary["versions"]) >= {"torch", "transformers"}
 
 
-def test_ab_refuses_an_unknown_mode():
+def test_ab_rotates_assisted_generation_beside_the_llm_alone(tmp_path, tiny_pair):
+    """bench.ab --modes assisted: HF assisted generation (in-process, same pair) is timed in the rotation; in
+    float32 it is lossless, so every answer equals the LLM alone's through the services."""
+    from bench import ab
+
+    tiny_dir = Path(tiny_pair["slm"]).parent
+    out = tmp_path / "ab"
+    rc = ab.main(["--tiny", str(tiny_dir), "--problems", "2", "--rounds", "2", "--max-tokens", "8",
+                  "--slm-dtype", "float32", "--llm-dtype", "float32",
+                  "--modes", "llm,assisted", "--variant", "none=", "--out", str(out)])
+    assert rc == 0
+    variants = json.loads(next(out.glob("ab-*.json")).read_text())["variants"]
+    assert set(variants) == {"plain", "llm-only", "assisted"}
+    assisted = variants["assisted"]
+    assert len(assisted["aggregate_by_round"]) == 2 and assisted["tokens_per_s"] > 0
+    assert assisted["llm_share"] == 1.0 and assisted["same_answer_as_llm"] == 1.0
+
+
+def test_ab_refuses_an_unknown_mode_and_assisted_beyond_one_session():
     from bench import ab
 
     with pytest.raises(SystemExit):
         ab.parse_args(["--modes", "llm,gpu"])
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--modes", "assisted", "--sessions", "4"])
+    assert ab.parse_args(["--modes", "assisted"]).modes == ["assisted"]

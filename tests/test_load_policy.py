@@ -13,9 +13,8 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from conftest import TOP_K
+from conftest import TOP_K, own_coordinator
 from r2r_serve.cli import build_parser
-from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.coordinator.load_policy import LlmOnlyUnderLoad
 from r2r_serve.coordinator.servicer import CoordinatorSettings
 from r2r_serve.router.strategies import EntropyStrategy
@@ -24,9 +23,8 @@ from test_anchors import PROMPTS, hf_generate, ids_of
 from test_dtype_policy import _threshold_between_scores
 
 
-async def _coordinator(services, above: int | None):
-    return await start_coordinator(services.slm_target, services.llm_target, services.coord.servicer.router.endpoint,
-                                   CoordinatorSettings(llm_only_above_sessions=above))
+def _coordinator(services, above: int | None):
+    return own_coordinator(services, CoordinatorSettings(llm_only_above_sessions=above))
 
 
 def _switches(to: str) -> float:
@@ -79,20 +77,14 @@ def test_a_bad_flag_value_is_refused_at_start(text, capsys):
 
 
 async def test_always_over_the_limit_a_routed_request_is_the_llm_generate(services, hf):
-    from r2r_client import AsyncR2RClient
-
     eos = hf.tokenizer.eos_token_id
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
     before = _switches("llm_only")
-    coord = await _coordinator(services, 0)  # one active request is already over 0
-    try:
-        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-            routed = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold)
-                                            for p in PROMPTS[:3]))
-            slm_only = await client.generate(PROMPTS[0], max_tokens=16, threshold=1.5)
-            verify = await client.generate(PROMPTS[0], max_tokens=16, threshold=threshold, rollback_below=1.0)
-    finally:
-        await coord.stop(0.5)
+    async with _coordinator(services, 0) as (_, client):  # one active request is already over 0
+        routed = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold)
+                                        for p in PROMPTS[:3]))
+        slm_only = await client.generate(PROMPTS[0], max_tokens=16, threshold=1.5)
+        verify = await client.generate(PROMPTS[0], max_tokens=16, threshold=threshold, rollback_below=1.0)
     for prompt, result in zip(PROMPTS, routed):
         assert result.token_ids == hf_generate(hf.llm, ids_of(hf, prompt), 16, eos)
         assert set(result.sources) == {"llm"}
@@ -105,17 +97,11 @@ async def test_always_over_the_limit_a_routed_request_is_the_llm_generate(servic
 
 
 async def test_below_the_limit_nothing_changes(services, hf):
-    from r2r_client import AsyncR2RClient
-
     eos = {hf.tokenizer.eos_token_id}
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
-    coord = await _coordinator(services, 8)
-    try:
-        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-            results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold)
-                                             for p in PROMPTS[:3]))
-    finally:
-        await coord.stop(0.5)
+    async with _coordinator(services, 8) as (_, client):
+        results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold)
+                                         for p in PROMPTS[:3]))
     for prompt, result in zip(PROMPTS, results):
         ref = reference_r2r(hf.slm, hf.llm, ids_of(hf, prompt), 16, threshold, EntropyStrategy(), TOP_K, eos)
         assert result.token_ids == ref.tokens and result.sources == ref.sources
@@ -126,22 +112,16 @@ async def test_an_answer_switches_to_the_llm_while_the_load_is_high_and_back_aft
     """A long answer runs alone (routing); two more requests join (3 > 2: all LLM-only); they end (1 <= 2 // 2:
     routing again). Each pool catches the session up over the other mode's tokens: every token must still
     be the reference's choice at its history."""
-    from r2r_client import AsyncR2RClient
-
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
     back_before = _switches("routed")
-    coord = await _coordinator(services, 2)
-    try:
-        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-            long_answer = client.stream(PROMPTS[0], max_tokens=160, threshold=threshold, ignore_eos=True)
-            tokens, joined = [], None
-            async for tok in long_answer:
-                tokens.append(tok)
-                if len(tokens) == 8:  # the long answer is under way: two requests join, and end
-                    joined = await asyncio.gather(*(client.generate(p, max_tokens=24, threshold=threshold,
-                                                                    ignore_eos=True) for p in PROMPTS[1:3]))
-    finally:
-        await coord.stop(0.5)
+    async with _coordinator(services, 2) as (_, client):
+        long_answer = client.stream(PROMPTS[0], max_tokens=160, threshold=threshold, ignore_eos=True)
+        tokens, joined = [], None
+        async for tok in long_answer:
+            tokens.append(tok)
+            if len(tokens) == 8:  # the long answer is under way: two requests join, and end
+                joined = await asyncio.gather(*(client.generate(p, max_tokens=24, threshold=threshold,
+                                                                ignore_eos=True) for p in PROMPTS[1:3]))
     long_result = type(joined[0])(request_id=long_answer.request_id, text=long_answer.text, tokens=tokens,
                                   stats=long_answer.stats)
     load_steps = _check_token_by_token(hf, ids_of(hf, PROMPTS[0]), long_result, threshold)

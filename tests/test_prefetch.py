@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
-from conftest import TOP_K, active_sessions, wait_until, worker_with_stub
+from conftest import TOP_K, active_sessions, own_coordinator, wait_until, worker_with_stub
 from r2r_serve.coordinator.app import start_coordinator
 from r2r_serve.coordinator.servicer import CoordinatorSettings
 from r2r_serve.router.strategies import EntropyStrategy
@@ -32,10 +32,17 @@ async def llm_worker(tiny_pair):
         yield handle_and_stub
 
 
+def _settings(min_tokens: int) -> CoordinatorSettings:
+    return CoordinatorSettings(llm_prefetch_min_tokens=min_tokens)
+
+
 async def _coordinator(services, llm_handle, min_tokens: int):
     return await start_coordinator(services.slm_target, f"127.0.0.1:{llm_handle.port}",
-                                   services.coord.servicer.router.endpoint,
-                                   CoordinatorSettings(llm_prefetch_min_tokens=min_tokens))
+                                   services.coord.servicer.router.endpoint, _settings(min_tokens))
+
+
+def _own_coordinator(services, llm_handle, min_tokens: int):
+    return own_coordinator(services, _settings(min_tokens), llm_target=f"127.0.0.1:{llm_handle.port}")
 
 
 async def _no_sessions_left(stub) -> None:
@@ -62,26 +69,16 @@ async def cancel_mid_answer(coord, started: asyncio.Event, threshold: float, set
         await coord.stop(0.5)
 
 
-async def _generate_all(coord, threshold: float, max_tokens: int = 20):
-    from r2r_client import AsyncR2RClient
-
-    async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-        return await asyncio.gather(*(client.generate(p, max_tokens=max_tokens, threshold=threshold)
-                                      for p in PROMPTS))
-
-
 async def test_prefetch_keeps_outputs_and_shortens_catch_ups(services, hf, llm_worker):
     handle, stub = llm_worker
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
     eos = {hf.tokenizer.eos_token_id}
     caught_up = {}
     for min_tokens in (0, 4):
-        coord = await _coordinator(services, handle, min_tokens)
         before = (_sample("r2r_llm_catchup_tokens_sum"), _sample("r2r_llm_prefetch_tokens_total"))
-        try:
-            results = await _generate_all(coord, threshold)
-        finally:
-            await coord.stop(0.5)
+        async with _own_coordinator(services, handle, min_tokens) as (_, client):
+            results = await asyncio.gather(*(client.generate(p, max_tokens=20, threshold=threshold)
+                                             for p in PROMPTS))
         caught_up[min_tokens] = (_sample("r2r_llm_catchup_tokens_sum") - before[0],
                                  _sample("r2r_llm_prefetch_tokens_total") - before[1])
         routed = 0
@@ -99,25 +96,19 @@ async def test_prefetch_keeps_outputs_and_shortens_catch_ups(services, hf, llm_w
 
 
 async def test_a_session_that_never_routes_still_has_its_prompt_read_ahead(services, hf, llm_worker):
-    from r2r_client import AsyncR2RClient
-
     handle, stub = llm_worker
-    coord = await _coordinator(services, handle, 4)
 
     def consumed() -> float:
         return _sample("r2r_worker_consumed_tokens_total", role="llm")
 
-    try:
-        async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
-            before = consumed()
-            result = await client.generate(PROMPTS[0], max_tokens=12, threshold=1.0)  # may route; never does
-            read_ahead = consumed() - before
-            await _no_sessions_left(stub)
-            before = consumed()
-            slm_only = await client.generate(PROMPTS[1], max_tokens=12, threshold=1.5)  # never routes
-            slm_only_read = consumed() - before
-    finally:
-        await coord.stop(0.5)
+    async with _own_coordinator(services, handle, 4) as (_, client):
+        before = consumed()
+        result = await client.generate(PROMPTS[0], max_tokens=12, threshold=1.0)  # may route; never does
+        read_ahead = consumed() - before
+        await _no_sessions_left(stub)
+        before = consumed()
+        slm_only = await client.generate(PROMPTS[1], max_tokens=12, threshold=1.5)  # never routes
+        slm_only_read = consumed() - before
     assert result.token_ids == hf_generate(hf.slm, ids_of(hf, PROMPTS[0]), 12, hf.tokenizer.eos_token_id)
     assert result.stats.llm_tokens == 0 and slm_only.stats.llm_tokens == 0
     prompt_len = len(ids_of(hf, PROMPTS[0]))
@@ -129,8 +120,6 @@ async def test_a_session_that_never_routes_still_has_its_prompt_read_ahead(servi
 
 
 async def test_cancelling_a_request_while_its_prefetch_runs_leaks_no_kv(services, hf, llm_worker):
-    from r2r_client import AsyncR2RClient
-
     handle, stub = llm_worker
     engine = handle.servicer.engine
     plain = engine.extend
