@@ -2,8 +2,9 @@
 
 Prompt prefills of 120-400 tokens, decode steps in which a random ~15% of sessions sit out (waiting on the
 LLM), a short catch-up now and then, router features on every step, and sessions that end and are replaced.
-Every 30 s the heap is trimmed (as a serving worker does) and the resident set printed. For chasing memory
-growth: run it under different allocator settings (MALLOC_MMAP_THRESHOLD_, LRU_CACHE_CAPACITY,
+Every 30 s the heap is trimmed (as a serving worker does) and the resident set printed, with the engine's
+phase timers per step (kv: building/regrouping the batch's KV, which a change of the decoding set costs;
+forward; head; features). For chasing memory growth: run it under different allocator settings (MALLOC_MMAP_THRESHOLD_, LRU_CACHE_CAPACITY,
 ONEDNN_PRIMITIVE_CACHE_CAPACITY, an LD_PRELOADed allocator) and compare.
 
     python -m bench.worker_memory --model qwen2.5-coder-0.5b-instruct --seconds 300
@@ -57,7 +58,8 @@ def main() -> None:
     for _ in range(args.sessions):
         start_session()
     t0 = last = time.monotonic()
-    steps = 0
+    steps = interval_steps = 0
+    engine.phase_times = {}
     while time.monotonic() - t0 < args.seconds:
         works = []
         for sid, pos in held.items():
@@ -74,11 +76,14 @@ def main() -> None:
             del held[sid]
             start_session()
         steps += 1
+        interval_steps += 1
         if time.monotonic() - last >= args.every_s:
             _, resident = trim_heap()
             last = time.monotonic()
+            phases = "  ".join(f"{k} {v / interval_steps * 1e3:.1f}" for k, v in sorted(engine.phase_times.items()))
             print(f"{last - t0:6.0f} s  {steps} steps  {started} sessions started  "
-                  f"{resident:.2f} GiB resident", flush=True)
+                  f"{resident:.2f} GiB resident  ms/step: {phases}", flush=True)
+            engine.phase_times, interval_steps = {}, 0
 
 
 if __name__ == "__main__":
