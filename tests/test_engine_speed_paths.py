@@ -154,6 +154,32 @@ def test_membership_changes_order_and_mixed_batches(engines):
     pair.step(0, 2, 3)
 
 
+def test_regrouped_buffers_never_read_what_was_not_written(engines, monkeypatch):
+    """Decode groups are allocated uninitialised (only the padding before each row's tokens is zeroed) and rows
+    are copied from old groups in runs of adjacent rows. With every new_empty buffer full of NaN, any read of a
+    column nobody wrote would poison the outputs: subsets with gaps, a merge of two groups, growth past the
+    capacity and a release must all still match the reference."""
+    plain = torch.Tensor.new_empty
+
+    def poisoned(self, *size, **kw):
+        t = plain(self, *size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    pair = Pair(*engines, "poison")
+    pair.open(0, 1, 2, 3, 4)
+    pair.step(0, 1, 2, 3, 4)
+    pair.step(0, 2, 4)           # rows 0, 2, 4 of the old group: three runs
+    pair.step(3, 1, 0)           # 1 and 3 from the first group, 0 from the second
+    pair.step(0, 1, 2, 3, 4)     # merged from three groups
+    for _ in range(40):          # past the group's first capacity: it grows into a fresh buffer
+        pair.step(0, 1, 2, 3, 4)
+    for eng in engines:
+        eng.release([pair.sid(2)])
+    pair.step(4, 0, 1)
+    pair.step(4, 3, 0, 1)
+
+
 def test_sampling_and_partial_features(engines):
     pair = Pair(*engines, "sample")
     pair.open(0, 1, 2, 4)

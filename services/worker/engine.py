@@ -680,30 +680,38 @@ class ModelEngine:
                 by_group.setdefault(id(s.group), (s.group, []))[1].append(s)
             else:
                 owned.append(s)
+        for _, members in by_group.values():  # old row order: rows that sat together are copied as one slice
+            members.sort(key=lambda s: s.row)
         order = [s for _, members in by_group.values() for s in members] + owned
         ref = next(iter(by_group.values()))[0].keys[0] if by_group else next(s.layers[0][0] for s in owned if s.layers)
         n_layers = len(next(iter(by_group.values()))[0].keys) if by_group else len(next(s.layers for s in owned if s.layers))
         B, W = len(order), max(s.length for s in order)
         shape = (B, ref.shape[1], W + 1 + self._headroom(W), ref.shape[3])
-        keys = [ref.new_zeros(shape) for _ in range(n_layers)]
-        values = [ref.new_zeros(shape) for _ in range(n_layers)]
+        # Uninitialised: only the padding before each row's tokens is ever read (masked, but it must be finite:
+        # 0 x NaN is NaN), so only that is zeroed; columns from W on are written before attention reads them.
+        # Zero-filling whole buffers was ~1/4 of a regroup, which a 16-session batch pays most steps.
+        keys = [ref.new_empty(shape) for _ in range(n_layers)]
+        values = [ref.new_empty(shape) for _ in range(n_layers)]
         start = 0
         for old, members in by_group.values():
             m, gw = max(s.length for s in members), old.width
-            src = [s.row for s in members]
-            if src == list(range(src[0], src[0] + len(src))):
-                take = slice(src[0], src[0] + len(src))
-            else:
-                take = torch.tensor(src, device=ref.device)
             end = start + len(members)
-            if m:
-                for dst, srcs in ((keys, old.keys), (values, old.values)):
-                    for li in range(n_layers):
-                        dst[li][start:end, :, W - m: W] = srcs[li][take, :, gw - m: gw]
+            # Runs of adjacent old rows, copied as slices: an index tensor would gather into a temporary and copy
+            # again (16 rows x 800 tokens of the 0.5B's KV: 30 ms by index, 12 ms by runs).
+            runs = _row_runs([s.row for s in members])
+            for dst, srcs in ((keys, old.keys), (values, old.values)):
+                for li in range(n_layers):
+                    dst[li][start:end, :, : W - m].zero_()
+                    if m:  # the old group's rows carry their own zero padding inside [gw - m, gw)
+                        for at, first, n in runs:
+                            dst[li][start + at: start + at + n, :, W - m: W] = srcs[li][first: first + n, :, gw - m: gw]
             for s in members:
                 old.drop(s)
             start = end
         for r, s in enumerate(owned, start):
+            for li in range(n_layers):
+                keys[li][r, :, : W - s.length].zero_()
+                values[li][r, :, : W - s.length].zero_()
             for li, (k, v) in enumerate(s.layers or []):
                 keys[li][r, :, W - s.length: W] = k[0]
                 values[li][r, :, W - s.length: W] = v[0]
@@ -721,6 +729,18 @@ class ModelEngine:
             if g.live:
                 kept.append(g)
         self._groups = kept
+
+
+def _row_runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """Sorted row numbers as runs of consecutive rows: (index in `rows`, first row, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, r in enumerate(rows):
+        if runs and runs[-1][1] + runs[-1][2] == r:
+            at, first, n = runs[-1]
+            runs[-1] = (at, first, n + 1)
+        else:
+            runs.append((i, r, 1))
+    return runs
 
 
 def _round(value: float | None) -> float | None:

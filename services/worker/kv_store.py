@@ -88,8 +88,8 @@ class DecodeGroup:
         cap = need + headroom
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
-                new = old.new_zeros((old.shape[0], old.shape[1], cap, old.shape[3]))
-                new[:, :, : self.width] = old[:, :, : self.width]
+                new = old.new_empty((old.shape[0], old.shape[1], cap, old.shape[3]))  # columns >= width: written
+                new[:, :, : self.width] = old[:, :, : self.width]                      # before they are read
                 buffers[i] = new
         self._build_mask()
 
