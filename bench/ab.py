@@ -10,6 +10,7 @@ aggregate tokens/s per variant, and writes JSON.
   python -m bench.ab --variant prefetch=--llm-prefetch-min-tokens=16 --sessions 4
   python -m bench.ab --modes llm,slm --variant none= --problems 4 --rounds 3   # R2R vs LLM alone vs SLM alone
   python -m bench.ab --modes llm,assisted --variant none= --problems 4 --rounds 3   # ... vs HF assisted generation
+  python -m bench.ab --modes llm,assisted --verify 1 --variant none= --share 0.15    # ... and served lossless verify
   python -m bench.ab --modes llm --variant adaptive3=--llm-only-above-sessions=3 --sessions 8 --changes-outputs
 
 `--modes llm,slm` adds the LLM alone (threshold 0) and the SLM alone (threshold 2) on the plain coordinator to
@@ -17,7 +18,10 @@ the rotation: speed ratios between modes whose slow minutes fall alike. Only the
 compared (the modes answer differently by design); `--changes-outputs` skips that check for variants that
 change answers on purpose (--llm-only-above-sessions under load). `--variant none=` runs no variant.
 `--modes assisted` adds Hugging Face assisted generation with the same pair, dtypes, threads and quantization,
-in this process (the services idle meanwhile; batch 1 only, as HF assists one sequence).
+in this process (the services idle meanwhile; batch 1 only, as HF assists one sequence). `--verify P` adds
+verify mode (rollback_below P) on the plain coordinator at the same threshold (P = 1: lossless, the LLM's own
+answers). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
+equal to the LLM alone's.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
     r2r_names = list(targets)
     targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes if mode in MODE_THRESHOLDS}
+    rollback = {verify_name(p): p for p in args.verify}
+    targets |= {name: targets[PLAIN] for name in rollback}
     names = list(targets) + ([ASSISTED] if ASSISTED in args.modes else [])
     results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
     try:
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
                     mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(
                         targets[name], requests, threshold=MODE_THRESHOLDS.get(mode, threshold),
-                        max_tokens=args.max_tokens,
+                        max_tokens=args.max_tokens, rollback_below=rollback.get(name),
                         sessions=args.sessions, progress=progress, label=f"round {i + 1} {name}"))
     finally:
         services.stop()
@@ -114,6 +120,10 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(summary, indent=1))
     console.print(f"wrote {path}")
     return 0 if summary["outputs_agree"] else 1
+
+
+def verify_name(rollback_below: float) -> str:
+    return f"verify-{rollback_below:g}"
 
 
 def load_assisted(args, slm: str, llm: str, warm: runner.Request) -> "assisted.Pair":
@@ -147,14 +157,17 @@ def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args
         # Per round (the entries of one round ran minutes apart at most): the median of those ratios.
         v["vs_plain_by_round_median"] = statistics.median(
             a / b for a, b in zip(v["aggregate_by_round"], plain_by_round) if b)
-    if ASSISTED in results and "llm-only" in results:  # lossless up to rounding: how often it gave the LLM's answer
-        pairs = [(x.text, y.text) for a, b in zip(results[ASSISTED], results["llm-only"])
-                 for x, y in zip(a.outcomes, b.outcomes)]
-        variants[ASSISTED]["same_answer_as_llm"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
+    if "llm-only" in results:  # e.g. assisted and verify 1 are lossless up to rounding: how often they agree
+        for name in results:
+            if name == "llm-only":
+                continue
+            pairs = [(x.text, y.text) for a, b in zip(results[name], results["llm-only"])
+                     for x, y in zip(a.outcomes, b.outcomes)]
+            variants[name]["same_answer_as_llm"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
     return dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 threshold=threshold, problems=args.problems, rounds=args.rounds, sessions=args.sessions,
                 max_tokens=args.max_tokens, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
-                modes=list(args.modes), compared=compared, versions=software_versions(),
+                modes=list(args.modes), verify=list(args.verify), compared=compared, versions=software_versions(),
                 variants=variants, outputs_agree=all(t == reference for t in texts.values()))
 
 
@@ -162,12 +175,13 @@ def show(summary: dict) -> None:
     table = Table(title=f"A/B at threshold {summary['threshold']:.4f}, {summary['sessions']} session(s), "
                         f"{summary['rounds']} rounds")
     for col in ("variant", "tok/s per request", "aggregate tok/s", "vs plain", "vs plain (per round)", "LLM share",
-                "TTFT s"):
+                "TTFT s", "answers = LLM's"):
         table.add_column(col)
     for name, v in summary["variants"].items():
+        same = v.get("same_answer_as_llm")
         table.add_row(name, f"{v['tokens_per_s']:.2f}", f"{v['aggregate_tokens_per_s']:.2f}",
                       f"{v['aggregate_vs_plain']:.3f}", f"{v['vs_plain_by_round_median']:.3f}",
-                      f"{v['llm_share']:.1%}", f"{v['ttft_s']:.2f}")
+                      f"{v['llm_share']:.1%}", f"{v['ttft_s']:.2f}", "-" if same is None else f"{same:.0%}")
     console.print(table)
     if not summary["outputs_agree"]:
         console.print("[red]the variants' answers differ: a scheduling change altered outputs[/]")
@@ -181,6 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=[],
                    help="also rotate these: llm (threshold 0) and slm (threshold 2) on the plain coordinator, "
                         "assisted (HF assisted generation in this process; --sessions 1)")
+    p.add_argument("--verify", type=lambda t: [float(x) for x in t.split(",") if x], default=[], metavar="P[,P...]",
+                   help="also rotate verify mode with these rollback_below values on the plain coordinator")
     p.add_argument("--changes-outputs", action="store_true",
                    help="do not require the R2R entries' answers to agree (a variant that changes them on purpose)")
     p.add_argument("--problems", type=int, default=3, help="the first N HumanEval problems")

@@ -274,13 +274,17 @@ def test_ab_rotates_assisted_generation_beside_the_llm_alone(tmp_path, tiny_pair
     out = tmp_path / "ab"
     rc = ab.main(["--tiny", str(tiny_dir), "--problems", "2", "--rounds", "2", "--max-tokens", "8",
                   "--slm-dtype", "float32", "--llm-dtype", "float32",
-                  "--modes", "llm,assisted", "--variant", "none=", "--out", str(out)])
+                  "--modes", "llm,assisted", "--verify", "1", "--variant", "none=", "--out", str(out)])
     assert rc == 0
     variants = json.loads(next(out.glob("ab-*.json")).read_text())["variants"]
-    assert set(variants) == {"plain", "llm-only", "assisted"}
+    assert set(variants) == {"plain", "llm-only", "assisted", "verify-1"}
     assisted = variants["assisted"]
     assert len(assisted["aggregate_by_round"]) == 2 and assisted["tokens_per_s"] > 0
     assert assisted["llm_share"] == 1.0 and assisted["same_answer_as_llm"] == 1.0
+    # Verify mode with rollback_below 1 through the services is lossless too: the LLM's own answers, at a
+    # threshold (calibrated for a 10% share) where the SLM drafts most tokens.
+    assert variants["plain"]["llm_share"] < 0.5
+    assert variants["verify-1"]["same_answer_as_llm"] == 1.0
 
 
 def test_ab_refuses_an_unknown_mode_and_assisted_beyond_one_session():
