@@ -4,8 +4,9 @@ Prompt prefills of 120-400 tokens, decode steps in which a random ~15% of sessio
 LLM), a short catch-up now and then, router features on every step, and sessions that end and are replaced.
 Every 30 s the heap is trimmed (as a serving worker does) and the resident set printed, with the engine's
 phase timers per step (kv: building/regrouping the batch's KV, which a change of the decoding set costs;
-forward; head; features). For chasing memory growth: run it under different allocator settings (MALLOC_MMAP_THRESHOLD_, LRU_CACHE_CAPACITY,
-ONEDNN_PRIMITIVE_CACHE_CAPACITY, an LD_PRELOADed allocator) and compare.
+forward; head; features). For chasing memory growth: run it under different allocator settings
+(MALLOC_MMAP_THRESHOLD_, LRU_CACHE_CAPACITY, ONEDNN_PRIMITIVE_CACHE_CAPACITY, an LD_PRELOADed allocator) and
+compare.
 
     python -m bench.worker_memory --model qwen2.5-coder-0.5b-instruct --seconds 300
 """

@@ -40,7 +40,7 @@ def test_a_serving_worker_trims_at_most_once_per_interval():
     assert PeriodicHeapTrim(0, clock=lambda: 1e9).maybe_trim() is None  # 0 = never
 
 
-def test_an_engine_step_leaves_no_cyclic_garbage(tiny_pair):
+def test_an_engine_step_leaves_no_cyclic_garbage(tiny_pair, monkeypatch):
     """Everything a worker allocates per step must be freed by reference counting. KV buffers kept alive by
     a reference cycle wait for Python's cyclic GC, whose full passes are rare in a process with a large
     long-lived heap; a regrouped decode batch's buffers (rebuilt whenever the set of decoding sessions
@@ -52,23 +52,24 @@ def test_an_engine_step_leaves_no_cyclic_garbage(tiny_pair):
     from r2r_serve.worker import kv_store
     from r2r_serve.worker.engine import ExtendWork, ModelEngine
 
+    groups = []  # every decode group built, weakly
+    make_group = kv_store.DecodeGroup.__init__
+
+    def tracked(self, *args, **kwargs):
+        make_group(self, *args, **kwargs)
+        groups.append(weakref.ref(self))
+
+    monkeypatch.setattr(kv_store.DecodeGroup, "__init__", tracked)
     for role in ("slm", "llm"):
         engine = ModelEngine(worker_config(tiny_pair[role], role))
         engine.load()
-        groups = []
-        make_group = kv_store.DecodeGroup.__init__
-
-        def tracked(self, *args, **kwargs):
-            make_group(self, *args, **kwargs)
-            groups.append(weakref.ref(self))
-
+        groups.clear()
         sessions = [f"s{i}" for i in range(6)]
         held = dict.fromkeys(sessions, 0)
         gc.collect()
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage, for the assertion
         try:
-            kv_store.DecodeGroup.__init__ = tracked
             for s in sessions:
                 engine.extend([ExtendWork(s, 0, list(range(5, 15)), want_features=True)])
                 held[s] = 10
@@ -84,7 +85,6 @@ def test_an_engine_step_leaves_no_cyclic_garbage(tiny_pair):
             gc.collect()
             cyclic = sorted({type(o).__name__ for o in gc.garbage})
         finally:
-            kv_store.DecodeGroup.__init__ = make_group
             gc.garbage.clear()
             gc.set_debug(0)
             gc.enable()

@@ -710,11 +710,10 @@ class ModelEngine:
             start = end
         for r, s in enumerate(owned, start):
             for li in range(n_layers):
-                keys[li][r, :, : W - s.length].zero_()
-                values[li][r, :, : W - s.length].zero_()
-            for li, (k, v) in enumerate(s.layers or []):
-                keys[li][r, :, W - s.length: W] = k[0]
-                values[li][r, :, W - s.length: W] = v[0]
+                for dst, kv in ((keys, 0), (values, 1)):
+                    dst[li][r, :, : W - s.length].zero_()
+                    if s.layers:
+                        dst[li][r, :, W - s.length: W] = s.layers[li][kv][0]
         group = DecodeGroup(keys, values, order, W)
         self._groups = [group] + [g for g in self._groups if g is not group]
         self._prune_groups()
