@@ -11,6 +11,7 @@ aggregate tokens/s per variant, and writes JSON.
   python -m bench.ab --modes llm,slm --variant none= --problems 4 --rounds 3   # R2R vs LLM alone vs SLM alone
   python -m bench.ab --modes llm,assisted --variant none= --problems 4 --rounds 3   # ... vs HF assisted generation
   python -m bench.ab --modes llm,assisted --verify 1 --variant none= --share 0.15    # ... and served lossless verify
+  python -m bench.ab --modes llm,assisted --verify 1:4,1:8 --variant none= --threshold 2  # speculative decoding
   python -m bench.ab --modes llm --variant adaptive3=--llm-only-above-sessions=3 --sessions 8 --changes-outputs
 
 `--modes llm,slm` adds the LLM alone (threshold 0) and the SLM alone (threshold 2) on the plain coordinator to
@@ -20,7 +21,8 @@ change answers on purpose (--llm-only-above-sessions under load). `--variant non
 `--modes assisted` adds Hugging Face assisted generation with the same pair, dtypes, threads and quantization,
 in this process (the services idle meanwhile; batch 1 only, as HF assists one sequence). `--verify P` adds
 verify mode (rollback_below P) on the plain coordinator at the same threshold (P = 1: lossless, the LLM's own
-answers). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
+answers); `P:D` also sets its draft length D (max_draft_tokens; with --threshold 2 the router never routes and
+this is plain speculative decoding through the services). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
 equal to the LLM alone's.
 """
 
@@ -85,8 +87,8 @@ def main(argv=None) -> int:
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
     r2r_names = list(targets)
     targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes if mode in MODE_THRESHOLDS}
-    rollback = {verify_name(p): p for p in args.verify}
-    targets |= {name: targets[PLAIN] for name in rollback}
+    verify = {verify_name(p, d): (p, d) for p, d in args.verify}
+    targets |= {name: targets[PLAIN] for name in verify}
     names = list(targets) + ([ASSISTED] if ASSISTED in args.modes else [])
     results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
     try:
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
                     mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(
                         targets[name], requests, threshold=MODE_THRESHOLDS.get(mode, threshold),
-                        max_tokens=args.max_tokens, rollback_below=rollback.get(name),
+                        max_tokens=args.max_tokens, rollback_below=verify.get(name, (None, None))[0],
+                        max_draft_tokens=verify.get(name, (None, None))[1],
                         sessions=args.sessions, progress=progress, label=f"round {i + 1} {name}"))
     finally:
         services.stop()
@@ -122,8 +125,20 @@ def main(argv=None) -> int:
     return 0 if summary["outputs_agree"] else 1
 
 
-def verify_name(rollback_below: float) -> str:
-    return f"verify-{rollback_below:g}"
+def verify_name(rollback_below: float, max_draft: int | None = None) -> str:
+    return f"verify-{rollback_below:g}" + ("" if max_draft is None else f"-draft{max_draft}")
+
+
+def parse_verify(text: str) -> list[tuple[float, int | None]]:
+    """P[:D][,P[:D]...]: rollback_below P with draft length D (default: the coordinator's)."""
+    specs = []
+    for part in filter(None, text.split(",")):
+        p, _, d = part.partition(":")
+        try:
+            specs.append((float(p), int(d) if d else None))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected P or P:D (e.g. 1 or 1:8), got {part!r}") from None
+    return specs
 
 
 def load_assisted(args, slm: str, llm: str, warm: runner.Request) -> "assisted.Pair":
@@ -167,7 +182,7 @@ def summarize(results: dict[str, list[runner.RunResult]], threshold: float, args
     return dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 threshold=threshold, problems=args.problems, rounds=args.rounds, sessions=args.sessions,
                 max_tokens=args.max_tokens, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
-                modes=list(args.modes), verify=list(args.verify), compared=compared, versions=software_versions(),
+                modes=list(args.modes), verify=[list(v) for v in args.verify], compared=compared, versions=software_versions(),
                 variants=variants, outputs_agree=all(t == reference for t in texts.values()))
 
 
@@ -195,8 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=[],
                    help="also rotate these: llm (threshold 0) and slm (threshold 2) on the plain coordinator, "
                         "assisted (HF assisted generation in this process; --sessions 1)")
-    p.add_argument("--verify", type=lambda t: [float(x) for x in t.split(",") if x], default=[], metavar="P[,P...]",
-                   help="also rotate verify mode with these rollback_below values on the plain coordinator")
+    p.add_argument("--verify", type=parse_verify, default=[], metavar="P[:D][,...]",
+                   help="also rotate verify mode with these rollback_below values (and draft lengths D, "
+                        "max_draft_tokens) on the plain coordinator")
     p.add_argument("--changes-outputs", action="store_true",
                    help="do not require the R2R entries' answers to agree (a variant that changes them on purpose)")
     p.add_argument("--problems", type=int, default=3, help="the first N HumanEval problems")

@@ -71,11 +71,12 @@ class VerifyRun(ReferenceRun):
 
 @torch.inference_mode()
 def reference_r2r_verify(slm, llm, prompt: list[int], max_new: int, threshold: float, strategy, top_k: int,
-                         eos: set[int], rollback_below: float) -> VerifyRun:
+                         eos: set[int], rollback_below: float, max_draft: int = 0) -> VerifyRun:
     """The R2R loop in verify mode (services/coordinator/verify.py), plainly: at each routed token the LLM
     judges the SLM tokens it has not read; the first it gives P < rollback_below and would not have chosen is
-    replaced by its choice and the rest is dropped. Before the answer ends the LLM judges the tail (and an
-    SLM-proposed EOS). Greedy, no stop strings."""
+    replaced by its choice and the rest is dropped. Once `max_draft` (> 0) SLM tokens wait unjudged, the LLM
+    writes the next token without asking the SLM, judging them. Before the answer ends the LLM judges the tail
+    (and an SLM-proposed EOS). Greedy, no stop strings."""
     ids, run, P = list(prompt), VerifyRun(), len(prompt)
     verified = P
     # The coordinator gets rollback_below and the logprobs as float32: compare the same way.
@@ -112,18 +113,22 @@ def reference_r2r_verify(slm, llm, prompt: list[int], max_new: int, threshold: f
     while True:
         final_token = None
         if len(ids) - P < max_new:
-            token, feats = slm_features(slm, ids, top_k)
-            source, p = "slm", -1.0
-            if threshold <= 1:
-                p = float(np.float32(strategy.score(feats)[0]))
-                if p >= float(np.float32(threshold)):
-                    llm_token, rollback = judge(ids)
-                    if rollback is not None:
-                        (_, token), p = rollback, -1.0
-                    else:
-                        token = llm_token
-                        verified = len(ids) + 1
-                    source = "llm"
+            if max_draft and len(ids) - verified >= max_draft:
+                token, source, p = None, "llm", -1.0  # the draft is full
+            else:
+                token, feats = slm_features(slm, ids, top_k)
+                source, p = "slm", -1.0
+                if threshold <= 1:
+                    p = float(np.float32(strategy.score(feats)[0]))
+                    if p >= float(np.float32(threshold)):
+                        source = "llm"
+            if source == "llm":
+                llm_token, rollback = judge(ids)
+                if rollback is not None:
+                    (_, token), p = rollback, -1.0
+                else:
+                    token = llm_token
+                    verified = len(ids) + 1
             if token not in eos:
                 append(token, source, p)
                 continue

@@ -89,6 +89,15 @@ async def test_verify_mode_through_the_gateway(oai, client):
     with pytest.raises(openai.BadRequestError) as err:
         await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=4, extra_body={"r2r_rollback_below": 2})
     assert "r2r_rollback_below" in str(err.value)
+    # The draft length reaches it too (2 here: the answer's SLM runs are no longer than that).
+    ref = await client.generate(PROMPT, max_tokens=16, threshold=2.0, rollback_below=0.5, max_draft_tokens=2)
+    resp = await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=16, temperature=0, extra_body={
+        "r2r_threshold": 2.0, "r2r_rollback_below": 0.5, "r2r_max_draft_tokens": 2})
+    assert extra(resp, "r2r")["token_ids"] == ref.token_ids and ref.stats.verify_passes >= 16 // 3
+    with pytest.raises(openai.BadRequestError) as err:
+        await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=4, extra_body={
+            "r2r_rollback_below": 1.0, "r2r_max_draft_tokens": -1})
+    assert "r2r_max_draft_tokens" in str(err.value)
 
 
 async def test_streamed_completion_equals_the_coordinator(oai, client):

@@ -274,10 +274,10 @@ def test_ab_rotates_assisted_generation_beside_the_llm_alone(tmp_path, tiny_pair
     out = tmp_path / "ab"
     rc = ab.main(["--tiny", str(tiny_dir), "--problems", "2", "--rounds", "2", "--max-tokens", "8",
                   "--slm-dtype", "float32", "--llm-dtype", "float32",
-                  "--modes", "llm,assisted", "--verify", "1", "--variant", "none=", "--out", str(out)])
+                  "--modes", "llm,assisted", "--verify", "1,1:2", "--variant", "none=", "--out", str(out)])
     assert rc == 0
     variants = json.loads(next(out.glob("ab-*.json")).read_text())["variants"]
-    assert set(variants) == {"plain", "llm-only", "assisted", "verify-1"}
+    assert set(variants) == {"plain", "llm-only", "assisted", "verify-1", "verify-1-draft2"}
     assisted = variants["assisted"]
     assert len(assisted["aggregate_by_round"]) == 2 and assisted["tokens_per_s"] > 0
     assert assisted["llm_share"] == 1.0 and assisted["same_answer_as_llm"] == 1.0
@@ -285,6 +285,9 @@ def test_ab_rotates_assisted_generation_beside_the_llm_alone(tmp_path, tiny_pair
     # threshold (calibrated for a 10% share) where the SLM drafts most tokens.
     assert variants["plain"]["llm_share"] < 0.5
     assert variants["verify-1"]["same_answer_as_llm"] == 1.0
+    # ... also with drafts of at most 2 tokens, where the LLM writes at least every third token.
+    assert variants["verify-1-draft2"]["same_answer_as_llm"] == 1.0
+    assert variants["verify-1-draft2"]["llm_share"] >= 1 / 3
 
 
 def test_ab_refuses_an_unknown_mode_and_assisted_beyond_one_session():
@@ -295,3 +298,6 @@ def test_ab_refuses_an_unknown_mode_and_assisted_beyond_one_session():
     with pytest.raises(SystemExit):
         ab.parse_args(["--modes", "assisted", "--sessions", "4"])
     assert ab.parse_args(["--modes", "assisted"]).modes == ["assisted"]
+    assert ab.parse_args(["--verify", "1,0.5:8"]).verify == [(1.0, None), (0.5, 8)]
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--verify", "1:x"])

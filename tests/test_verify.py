@@ -12,7 +12,8 @@ import grpc
 import pytest
 import torch
 
-from conftest import TOP_K, active_sessions, wait_until
+from conftest import TOP_K, active_sessions, own_coordinator, wait_until
+from r2r_serve.coordinator.servicer import CoordinatorSettings
 from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.router.strategies import EntropyStrategy
 from reference import reference_r2r_verify
@@ -63,14 +64,15 @@ async def test_the_llm_judges_fed_tokens_like_a_plain_forward(services, hf):
     assert whole.verify_start == 1 and len(whole.verify_tokens) == len(ids) - 1
 
 
-@pytest.mark.parametrize("threshold", ["middle", 1.5])
-async def test_rolling_back_every_disagreement_is_the_llm_generate(client, hf, verify_setup, threshold):
+@pytest.mark.parametrize("threshold,max_draft", [("middle", None), (1.5, None), (1.5, 3)])
+async def test_rolling_back_every_disagreement_is_the_llm_generate(client, hf, verify_setup, threshold, max_draft):
     """rollback_below = 1: whatever the router routes (some tokens, or none until the end), the answer is the
-    LLM's own greedy answer, reached through rollbacks."""
+    LLM's own greedy answer, reached through rollbacks. With a draft length and a router that never routes,
+    this is plain speculative decoding."""
     _, prompts, middle, _, _ = verify_setup
     t = middle if threshold == "middle" else threshold
-    results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=t, rollback_below=1.0)
-                                     for p in PROMPTS[:3]))
+    results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=t, rollback_below=1.0,
+                                                     max_draft_tokens=max_draft) for p in PROMPTS[:3]))
     for prompt_ids, result in zip(prompts, results):
         assert result.token_ids == hf_generate(hf.llm, prompt_ids, 16, hf.tokenizer.eos_token_id)
         assert result.stats.rollbacks > 0 and result.stats.verify_passes >= 1
@@ -95,6 +97,57 @@ async def test_intermediate_rollback_equals_the_reference_loop(client, hf, verif
         kept_slm += ref.sources.count("slm")
         rollbacks += ref.rollbacks
     assert rollbacks > 0 and kept_slm > 0, "the setting should both roll back and keep SLM tokens"
+
+
+def longest_slm_run(sources: list[str]) -> int:
+    longest = run = 0
+    for source in sources:
+        run = run + 1 if source == "slm" else 0
+        longest = max(longest, run)
+    return longest
+
+
+async def expect_reference_answers(client, hf, prompts, threshold, below, max_draft, send_draft=True):
+    """Verify-mode answers with draft length `max_draft` equal the reference loop's, stats included, and no
+    more than `max_draft` SLM tokens in a row stand unjudged. `send_draft` False: the request leaves the draft
+    length to the coordinator."""
+    strategy = EntropyStrategy()
+    eos = {hf.tokenizer.eos_token_id}
+    results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold, rollback_below=below,
+                                                     max_draft_tokens=max_draft if send_draft else None)
+                                     for p in prompts))
+    for prompt_ids, result in zip(prompts, results):
+        ref = reference_r2r_verify(hf.slm, hf.llm, prompt_ids, 16, threshold, strategy, TOP_K, eos, below, max_draft)
+        assert result.token_ids == ref.tokens and result.sources == ref.sources
+        assert [t.router_probability if t.router_probability is not None else -1.0 for t in result.tokens] == \
+            pytest.approx(ref.probabilities, abs=1e-6)
+        s = result.stats
+        assert (s.verify_passes, s.rollbacks, s.discarded_tokens, s.llm_tokens) == (
+            ref.verify_passes, ref.rollbacks, ref.discarded_tokens, ref.sources.count("llm"))
+        if max_draft:
+            assert longest_slm_run(result.sources) <= max_draft
+    return results
+
+
+@pytest.mark.parametrize("max_draft", [1, 3])
+@pytest.mark.parametrize("threshold", ["middle", 1.5])
+async def test_a_full_draft_calls_the_llm_like_the_reference_loop(client, hf, verify_setup, max_draft, threshold):
+    """max_draft_tokens: once that many SLM tokens wait unjudged, the LLM writes the next token (no SLM
+    proposal, no router) and judges them, with the router routing too ("middle") or never (1.5)."""
+    _, prompts, middle, _, below = verify_setup
+    t = middle if threshold == "middle" else threshold
+    results = await expect_reference_answers(client, hf, prompts, t, below, max_draft)
+    assert sum(r.stats.verify_passes for r in results) >= len(prompts) * 16 // (max_draft + 1) // 2
+
+
+async def test_the_coordinator_default_draft_length_and_a_request_override(services, hf, verify_setup):
+    """--verify-max-draft applies to verify requests that set no max_draft_tokens; a request's 0 turns it off
+    (drafts end only where the router routes)."""
+    _, prompts, _, _, below = verify_setup
+    async with own_coordinator(services, CoordinatorSettings(verify_max_draft=2)) as (_, client):
+        await expect_reference_answers(client, hf, prompts[:2], 1.5, below, max_draft=2, send_draft=False)
+        unbounded = await expect_reference_answers(client, hf, prompts[:2], 1.5, below, max_draft=0)
+    assert max(longest_slm_run(r.sources) for r in unbounded) > 2, "the override should lift the bound"
 
 
 async def test_streamed_tokens_are_final_and_cut_at_a_stop_string(client, hf, verify_setup):
@@ -128,6 +181,13 @@ async def test_a_bad_rollback_below_is_invalid_argument(client, value):
 
     with pytest.raises(InvalidRequest, match="rollback_below must be in"):
         await client.generate("def add(a, b):", max_tokens=4, rollback_below=value)
+
+
+async def test_a_draft_length_without_verify_mode_is_invalid_argument(client):
+    from r2r_client import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="max_draft_tokens applies to verify mode only"):
+        await client.generate("def add(a, b):", max_tokens=4, max_draft_tokens=4)
 
 
 async def test_verify_mode_leaves_no_kv_behind(services, client):

@@ -57,6 +57,10 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                         "(where batched LLM decode is compute-bound, e.g. a small CPU under load, R2R's SLM steps "
                         "only add work; the bench sweep shows the crossover); default off "
                         "(coordinator/load_policy.py)")
+    p.add_argument("--verify-max-draft", type=int, default=0, metavar="N",
+                   help="verify mode (requests with rollback_below): the LLM judges the SLM's tokens at least every "
+                        "N tokens unless the request sets max_draft_tokens; 0 = only where the router routes "
+                        "(coordinator/verify.py)")
     p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
@@ -75,6 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                router_fallback=args.router_fallback,
                                llm_prefetch_min_tokens=args.llm_prefetch_min_tokens,
                                lookahead=args.lookahead, llm_only_above_sessions=args.llm_only_above_sessions,
+                               verify_max_draft=args.verify_max_draft,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
 
 

@@ -41,6 +41,7 @@ class CoordinatorSettings:
     llm_prefetch_min_tokens: int = 0        # eager LLM catch-up of lags >= this while the LLM is idle; 0 = off
     lookahead: bool = True                  # send each next extend before the router has judged the token
     llm_only_above_sessions: int | None = None  # above this many active requests the LLM writes alone; None = off
+    verify_max_draft: int = 0               # verify mode's default max_draft_tokens (coordinator.proto); 0 = at routes
     chat: ChatOptions = field(default_factory=ChatOptions)
 
 
@@ -177,10 +178,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         eos = set() if req.ignore_eos else self.eos_token_ids
         session = Session(session_id=f"{request_id}-{uuid.uuid4().hex[:8]}", history=list(ids), prompt_len=len(ids),
                           sampling=req.sampling, threshold=threshold, lookahead=self.settings.lookahead,
-                          final_tokens=frozenset(eos | stop_ids), rollback_below=req.rollback_below)
+                          final_tokens=frozenset(eos | stop_ids), rollback_below=req.rollback_below,
+                          max_draft=req.max_draft_tokens if req.HasField("max_draft_tokens")
+                          else self.settings.verify_max_draft)
         structlog.contextvars.bind_contextvars(session_id=session.session_id)
         log.info("request_started", prompt_tokens=len(ids), max_tokens=budget, threshold=threshold,
-                 rollback_below=req.rollback_below or None)
+                 rollback_below=req.rollback_below or None, max_draft=session.max_draft if session.verifying else None)
         detok = StreamingDetokenizer(self.tokenizer, ids, list(req.stop))
         answer = AnswerStream(session, detok, request_id, req.logprobs, started)
         loop = asyncio.get_running_loop()

@@ -7,7 +7,8 @@ x[0..l). Each step:
   3. if p >= threshold the LLM extends with x[l..n) (a lazy catch-up prefill) and its token replaces t;
   4. the chosen token is appended. Nothing is rolled back: KV is only ever written for fed tokens.
      (Verify mode, per request, is the exception by design: the LLM's catch-up judges the SLM tokens it
-     reads and may cut the history back to the first it rejects; verify.py.)
+     reads and may cut the history back to the first it rejects; verify.py. There the LLM is also called,
+     skipping steps 1-2, once `max_draft` SLM tokens wait for its judgement.)
 A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
 the SLM's proposal is not needed and is skipped (the LLM alone). When the router cannot be reached the
 coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail". Under load
@@ -53,6 +54,7 @@ class Session:
     final_tokens: frozenset[int] = frozenset()  # tokens that end the answer (EOS, stop ids): nothing follows
     ahead: Lookahead | None = None  # the next step's extend, sent early (lookahead.py)
     rollback_below: float = 0.0  # verify mode (verify.py); 0 = off
+    max_draft: int = 0           # verify mode: the LLM judges at least every this many SLM tokens; 0 = at routes
     llm_only_by_load: bool = False  # above --llm-only-above-sessions: the LLM writes every token (load_policy.py)
     verified: int = 0            # verify mode: tokens before this position are final (the LLM has judged them)
     verify_passes: int = 0
@@ -66,6 +68,11 @@ class Session:
     def verifying(self) -> bool:
         """Verify mode, where it means anything: an LLM-only session has no SLM tokens to judge."""
         return self.rollback_below > 0.0 and not self.routes_always
+
+    def draft_full(self, ahead: int = 0) -> bool:
+        """Verify mode: `ahead` tokens from now, the SLM will have written `max_draft` tokens the LLM has not
+        judged, so the LLM writes the next one and judges them (speculative decoding's draft length)."""
+        return self.verifying and self.max_draft > 0 and len(self.history) + ahead - self.verified >= self.max_draft
 
     @property
     def routes_never(self) -> bool:
@@ -113,10 +120,12 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
     the batch forming there is cut without waiting for it. `may_continue`: a step may follow this one
     (the length budget is not spent), so a lookahead is worth sending."""
     p = -1.0
-    if not s.routes_always:
+    if not s.routes_always and not s.draft_full():
         proposal = await s.next_result(slm, s.slm, want_features=not s.routes_never)
-        # Sent before the router answers: the SLM's next forward overlaps the scoring and the streaming.
-        s.look_ahead(slm, s.slm, proposal.token, want_features=not s.routes_never, may_continue=may_continue)
+        # Sent before the router answers: the SLM's next forward overlaps the scoring and the streaming. Not
+        # when the draft is full after this token: the next step skips the SLM.
+        s.look_ahead(slm, s.slm, proposal.token, want_features=not s.routes_never,
+                     may_continue=may_continue and not s.draft_full(ahead=1))
         if s.routes_never:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
         try:
@@ -151,5 +160,5 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
         if s.ahead is None or s.ahead.token != answer.token:
             # The LLM changed the token the SLM's lookahead assumed: start over from the LLM's.
             s.drop_lookahead()
-            s.look_ahead(slm, s.slm, answer.token, want_features=True, may_continue=may_continue)
+            s.look_ahead(slm, s.slm, answer.token, want_features=not s.routes_never, may_continue=may_continue)
     return StepResult(answer.token, common_pb2.PROVENANCE_LLM, answer.logprob, p, by_load=s.llm_only_by_load)

@@ -56,7 +56,7 @@ def from_r2r_error(exc: R2RError) -> GatewayError:
 # ---- the parsed request --------------------------------------------------------------------------
 
 # Extra (non-OpenAI) request fields, like vLLM's: the R2R knob and two sampling/limit controls.
-EXTRA_FIELDS = ("r2r_threshold", "r2r_rollback_below", "top_k", "ignore_eos")
+EXTRA_FIELDS = ("r2r_threshold", "r2r_rollback_below", "r2r_max_draft_tokens", "top_k", "ignore_eos")
 
 # Unsupported fields, accepted only with one of these "off" values.
 _OFF: dict[str, Callable[[Any], bool]] = {
@@ -249,6 +249,9 @@ def _common(body: dict, plan: Plan, models: ModelTable, default_temperature: flo
     rollback_below = _num(body, "r2r_rollback_below", 0.0, 1.0)  # verify mode (see coordinator.proto)
     if rollback_below is not None:
         p["rollback_below"] = rollback_below
+    max_draft = _int(body, "r2r_max_draft_tokens", 0, 1 << 20)  # verify mode's draft length (see coordinator.proto)
+    if max_draft is not None:
+        p["max_draft_tokens"] = max_draft
 
 
 def _object(body) -> dict:
