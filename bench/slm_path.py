@@ -46,23 +46,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.inference_mode()
-def hf_ms_per_token(model, prompt: list[int], tokens: int) -> float:
+def hf_ms_per_token(model, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
     from transformers import DynamicCache
 
     cache = DynamicCache()
     ids = torch.tensor([prompt])
     out = model(input_ids=ids, cache=cache, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    chosen = [nxt]
     started = time.perf_counter()
     for _ in range(tokens - 1):
         out = model(input_ids=nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    int(nxt)
-    return (time.perf_counter() - started) * 1000 / (tokens - 1)
+        chosen.append(nxt)
+    ids = torch.cat(chosen, dim=1)[0].tolist()  # waits for the device
+    return (time.perf_counter() - started) * 1000 / (tokens - 1), ids
 
 
-async def worker_ms_per_token(endpoint: str, prompt: list[int], tokens: int, session: str) -> tuple[float, float]:
-    """(wall ms per token, the worker's own forward_ms per token) over direct one-item ExtendStream calls."""
+async def worker_ms_per_token(endpoint: str, prompt: list[int], tokens: int,
+                              session: str) -> tuple[float, float, list[int]]:
+    """(wall ms per token, the worker's own forward_ms per token, the tokens) over direct one-item
+    ExtendStream calls."""
     import grpc
 
     from r2r_serve.proto import common_pb2, worker_pb2, worker_pb2_grpc
@@ -91,25 +95,27 @@ async def worker_ms_per_token(endpoint: str, prompt: list[int], tokens: int, ses
         wall = (time.perf_counter() - started) * 1000 / (tokens - 1)
         await call.done_writing()
         await stub.Release(worker_pb2.ReleaseRequest(session_ids=[session]))
-    return wall, inside / (tokens - 1)
+    return wall, inside / (tokens - 1), history[len(prompt):]
 
 
-async def service_ms_per_token(target: str, messages: list[dict], tokens: int) -> float:
+async def service_ms_per_token(target: str, messages: list[dict], tokens: int) -> tuple[float, list[int]]:
     from r2r_client import AsyncR2RClient
 
     async with AsyncR2RClient(target, wait_for_ready=True) as client:
-        stamps = []
-        async for _ in client.stream(messages, max_tokens=tokens, threshold=2.0, ignore_eos=True):
+        stamps, ids = [], []
+        async for tok in client.stream(messages, max_tokens=tokens, threshold=2.0, ignore_eos=True):
             stamps.append(time.perf_counter())
+            ids.append(tok.token_id)
     if len(stamps) < 2:
         raise RuntimeError("the service streamed fewer than 2 tokens")
-    return (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1)
+    return (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1), ids
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from r2r_serve.cli import resolve_models
+    from r2r_serve.common.dtypes import parse_dtype_policy
 
     from bench.assisted import _load_model, prompt_ids
 
@@ -123,36 +129,40 @@ def main(argv=None) -> int:
                                      strategies={"entropy": None}, threads=args.threads)
     try:
         target = services.coordinators["entropy"]
-        model = _load_model(slm, args.slm_dtype.split("/")[0] if "/" in args.slm_dtype else args.slm_dtype,
-                            torch.device(args.device))
+        # The worker decodes in its policy's DECODE dtype; so does this bare loop.
+        model = _load_model(slm, parse_dtype_policy(args.slm_dtype).decode, torch.device(args.device))
         from transformers import AutoTokenizer
 
         prompt = prompt_ids(AutoTokenizer.from_pretrained(slm, local_files_only=True), messages)
         runner.warm_up(target, [2.0])
         hf_ms_per_token(model, prompt, 8)
         ms: dict[str, list[float]] = {name: [] for name in (*LAYERS, "worker_inside")}
+        answers: dict[str, list[int]] = {}
         for r in range(args.rounds):
             order = LAYERS[r % 3:] + LAYERS[: r % 3]
             for layer in order:
                 if layer == "hf":
-                    ms["hf"].append(hf_ms_per_token(model, prompt, args.tokens))
+                    spent, answers["hf"] = hf_ms_per_token(model, prompt, args.tokens)
                 elif layer == "worker":
-                    wall, inside = asyncio.run(worker_ms_per_token(services.slm.split(",")[0], prompt,
-                                                                   args.tokens, f"slm-path-{r}"))
-                    ms["worker"].append(wall)
+                    spent, inside, answers["worker"] = asyncio.run(worker_ms_per_token(
+                        services.slm.split(",")[0], prompt, args.tokens, f"slm-path-{r}"))
                     ms["worker_inside"].append(inside)
                 else:
-                    ms["service"].append(asyncio.run(service_ms_per_token(target, messages, args.tokens)))
+                    spent, answers["service"] = asyncio.run(service_ms_per_token(target, messages, args.tokens))
+                ms[layer].append(spent)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in ms.items()), flush=True)
     finally:
         services.stop()
     medians = {k: statistics.median(v) for k, v in ms.items()}
+    # The same greedy tokens from every layer (in float32 exactly; bf16 kernels may tip a near-tie).
+    agree = {layer: answers[layer] == answers["hf"] for layer in LAYERS}
     print(f"\nms per token, median of {args.rounds} rounds ({args.tokens} tokens, SLM {args.slm_dtype}):")
     for k, v in medians.items():
         print(f"  {k:14s} {v:7.1f}  ({1000 / v:5.2f} tok/s)  vs hf {v / medians['hf']:.3f}")
+    print("tokens equal to the bare model's:", agree)
     out = dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                slm=str(slm), slm_dtype=args.slm_dtype, tokens=args.tokens, rounds=args.rounds,
-               ms_per_token=ms, median_ms_per_token=medians)
+               ms_per_token=ms, median_ms_per_token=medians, tokens_agree=agree)
     path = Path(args.out) / f"slm_path-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
