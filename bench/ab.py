@@ -22,7 +22,8 @@ change answers on purpose (--llm-only-above-sessions under load). `--variant non
 in this process (the services idle meanwhile; batch 1 only, as HF assists one sequence). `--verify P` adds
 verify mode (rollback_below P) on the plain coordinator at the same threshold (P = 1: lossless, the LLM's own
 answers); `P:D` also sets its draft length D (max_draft_tokens; with --threshold 2 the router never routes and
-this is plain speculative decoding through the services). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
+this is plain speculative decoding through the services), `P:D:C` its draft stop C (min_draft_probability:
+1:20:0.4 is HF assisted generation's schedule). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
 equal to the LLM alone's.
 """
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
     r2r_names = list(targets)
     targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes if mode in MODE_THRESHOLDS}
-    verify = {verify_name(p, d): (p, d) for p, d in args.verify}
+    verify = {verify_name(*spec): spec for spec in args.verify}
     targets |= {name: targets[PLAIN] for name in verify}
     names = list(targets) + ([ASSISTED] if ASSISTED in args.modes else [])
     results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
@@ -110,8 +111,7 @@ def main(argv=None) -> int:
                     mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(
                         targets[name], requests, threshold=MODE_THRESHOLDS.get(mode, threshold),
-                        max_tokens=args.max_tokens, rollback_below=verify.get(name, (None, None))[0],
-                        max_draft_tokens=verify.get(name, (None, None))[1],
+                        max_tokens=args.max_tokens, **verify_params(verify.get(name)),
                         sessions=args.sessions, progress=progress, label=f"round {i + 1} {name}"))
     finally:
         services.stop()
@@ -125,19 +125,30 @@ def main(argv=None) -> int:
     return 0 if summary["outputs_agree"] else 1
 
 
-def verify_name(rollback_below: float, max_draft: int | None = None) -> str:
-    return f"verify-{rollback_below:g}" + ("" if max_draft is None else f"-draft{max_draft}")
+def verify_name(rollback_below: float, max_draft: int | None = None, min_prob: float | None = None) -> str:
+    return (f"verify-{rollback_below:g}" + ("" if max_draft is None else f"-draft{max_draft}")
+            + ("" if min_prob is None else f"-stop{min_prob:g}"))
 
 
-def parse_verify(text: str) -> list[tuple[float, int | None]]:
-    """P[:D][,P[:D]...]: rollback_below P with draft length D (default: the coordinator's)."""
+def verify_params(spec: tuple | None) -> dict:
+    """runner.run_requests' verify-mode arguments for a parse_verify entry (None: verify mode off)."""
+    p, d, c = spec or (None, None, None)
+    return dict(rollback_below=p, max_draft_tokens=d, min_draft_probability=c)
+
+
+def parse_verify(text: str) -> list[tuple[float, int | None, float | None]]:
+    """P[:D[:C]][,...]: rollback_below P with draft length D and draft stop C (min_draft_probability); an
+    empty or missing D or C leaves it to the coordinator."""
     specs = []
     for part in filter(None, text.split(",")):
-        p, _, d = part.partition(":")
+        fields = part.split(":")
         try:
-            specs.append((float(p), int(d) if d else None))
+            if len(fields) > 3:
+                raise ValueError
+            p, d, c = fields + [""] * (3 - len(fields))
+            specs.append((float(p), int(d) if d else None, float(c) if c else None))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected P or P:D (e.g. 1 or 1:8), got {part!r}") from None
+            raise argparse.ArgumentTypeError(f"expected P, P:D or P:D:C (e.g. 1, 1:8 or 1:20:0.4), got {part!r}") from None
     return specs
 
 
@@ -210,9 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=[],
                    help="also rotate these: llm (threshold 0) and slm (threshold 2) on the plain coordinator, "
                         "assisted (HF assisted generation in this process; --sessions 1)")
-    p.add_argument("--verify", type=parse_verify, default=[], metavar="P[:D][,...]",
+    p.add_argument("--verify", type=parse_verify, default=[], metavar="P[:D[:C]][,...]",
                    help="also rotate verify mode with these rollback_below values (and draft lengths D, "
-                        "max_draft_tokens) on the plain coordinator")
+                        "max_draft_tokens, and draft stops C, min_draft_probability) on the plain coordinator")
     p.add_argument("--changes-outputs", action="store_true",
                    help="do not require the R2R entries' answers to agree (a variant that changes them on purpose)")
     p.add_argument("--problems", type=int, default=3, help="the first N HumanEval problems")

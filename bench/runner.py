@@ -110,10 +110,8 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
     return services
 
 
-async def _one(client, req: Request, threshold: float, max_tokens: int, stop: list[str],
-               rollback_below: float | None = None, max_draft_tokens: int | None = None) -> Outcome:
-    r = await client.generate(req.messages, max_tokens=max_tokens, threshold=threshold, stop=stop,
-                              rollback_below=rollback_below, max_draft_tokens=max_draft_tokens)
+async def _one(client, req: Request, threshold: float, max_tokens: int, stop: list[str], verify: dict) -> Outcome:
+    r = await client.generate(req.messages, max_tokens=max_tokens, threshold=threshold, stop=stop, **verify)
     s = r.stats
     return Outcome(key=req.key, text=r.text, sources=r.sources,
                    probabilities=[t.router_probability if t.router_probability is not None else -1.0 for t in r.tokens],
@@ -123,8 +121,7 @@ async def _one(client, req: Request, threshold: float, max_tokens: int, stop: li
 
 
 async def _run(target: str, requests: list[Request], threshold: float, max_tokens: int, sessions: int,
-               stop: list[str], progress: Progress | None, label: str, rollback_below: float | None = None,
-               max_draft_tokens: int | None = None) -> RunResult:
+               stop: list[str], progress: Progress | None, label: str, verify: dict) -> RunResult:
     """Keep `sessions` requests in flight until all are done (a closed loop, like a fixed pool of users)."""
     from r2r_client import AsyncR2RClient
 
@@ -137,7 +134,7 @@ async def _run(target: str, requests: list[Request], threshold: float, max_token
     async def user(client):
         while not queue.empty():
             req = queue.get_nowait()
-            outcomes.append(await _one(client, req, threshold, max_tokens, stop, rollback_below, max_draft_tokens))
+            outcomes.append(await _one(client, req, threshold, max_tokens, stop, verify))
             if progress:
                 progress.advance(task)
 
@@ -152,11 +149,14 @@ async def _run(target: str, requests: list[Request], threshold: float, max_token
 
 def run_requests(target: str, requests: list[Request], *, threshold: float, max_tokens: int, sessions: int = 1,
                  stop: list[str] | None = None, progress: Progress | None = None, label: str = "",
-                 rollback_below: float | None = None, max_draft_tokens: int | None = None) -> RunResult:
+                 rollback_below: float | None = None, max_draft_tokens: int | None = None,
+                 min_draft_probability: float | None = None) -> RunResult:
     """`rollback_below`: verify mode (coordinator.proto's GenerateRequest.rollback_below); None = off.
-    `max_draft_tokens`: its draft length; None = the coordinator's default."""
+    `max_draft_tokens`, `min_draft_probability`: its draft length and draft stop; None = the coordinator's."""
+    verify = dict(rollback_below=rollback_below, max_draft_tokens=max_draft_tokens,
+                  min_draft_probability=min_draft_probability)
     return asyncio.run(_run(target, requests, threshold, max_tokens, sessions, STOP if stop is None else stop,
-                            progress, label, rollback_below, max_draft_tokens))
+                            progress, label, verify))
 
 
 async def _forward_s(endpoints: list[str]) -> dict[str, float]:

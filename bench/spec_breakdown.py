@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import assisted, humaneval, runner
-from bench.ab import load_assisted, parse_verify, verify_name
+from bench.ab import load_assisted, parse_verify, verify_name, verify_params
 from bench.args import add_pair_args, resolve_auto_dtypes
 from bench.machine import machine_description
 
@@ -122,9 +122,9 @@ def main(argv=None) -> int:
                                      variants={"nolookahead": ["--no-lookahead"]} if args.no_lookahead else None)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     coordinators = {"": args.router} | ({"+nolookahead": f"{args.router}+nolookahead"} if args.no_lookahead else {})
-    entries = {f"{verify_name(p, d)}@{t:g}{suffix}": (p, d, t, coordinator)
-               for suffix, coordinator in coordinators.items() for t in thresholds for p, d in args.verify}
-    entries |= {f"r2r@{float(t):g}{suffix}": (None, None, float(t), coordinator)
+    entries = {f"{verify_name(*spec)}@{t:g}{suffix}": (spec, t, coordinator)
+               for suffix, coordinator in coordinators.items() for t in thresholds for spec in args.verify}
+    entries |= {f"r2r@{float(t):g}{suffix}": (None, float(t), coordinator)
                 for suffix, coordinator in coordinators.items() for t in args.plain.split(",") if t}
     spent = {"assisted": Spent(), **{name: Spent() for name in entries}}
     texts: dict[str, list[str]] = {name: [] for name in spent}
@@ -146,10 +146,10 @@ def main(argv=None) -> int:
             s.llm_fed_tokens += llm_fwd.tokens - before[4]
             s.llm_written += res.completion_tokens
             texts["assisted"].append(res.text)
-            for name, (p, d, t, coordinator) in entries.items():
+            for name, (spec, t, coordinator) in entries.items():
                 before_load = worker_loads(services)
                 run = runner.run_requests(services.coordinators[coordinator], [req], threshold=t, max_tokens=args.max_tokens,
-                                          rollback_below=p, max_draft_tokens=d)
+                                          **verify_params(spec))
                 after_load = worker_loads(services)
                 o = run.outcomes[0]
                 s = spent[name]

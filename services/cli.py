@@ -224,7 +224,8 @@ def _generate(target: str, prompt: str, args, token: str | None = None, tls=None
     messages = prompt if args.raw else [{"role": "user", "content": prompt}]
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed, stop=args.stop or (), threshold=args.threshold, llm_share=args.llm_share,
-                  rollback_below=args.rollback_below, max_draft_tokens=args.max_draft_tokens)
+                  rollback_below=args.rollback_below, max_draft_tokens=args.max_draft_tokens,
+                  min_draft_probability=args.min_draft_probability)
     tls_kw = {} if tls is None else dict(tls=True, tls_ca=tls.ca, tls_client_cert=tls.cert, tls_client_key=tls.key,
                                          tls_server_name=tls.server_name)
     with R2RClient(target, wait_for_ready=True, token=token, **tls_kw) as client:
@@ -287,6 +288,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft-tokens", type=int, default=None, metavar="N",
                    help="verify mode: the LLM judges at least every N SLM tokens (0 = only where the router "
                         "routes; default: the server's)")
+    p.add_argument("--min-draft-probability", type=float, default=None, metavar="P",
+                   help="verify mode: a draft also ends where the SLM gives its token a probability below P "
+                        "(0.4 = Hugging Face's assistant default; 0 = off; default: the server's)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -71,17 +71,21 @@ class VerifyRun(ReferenceRun):
 
 @torch.inference_mode()
 def reference_r2r_verify(slm, llm, prompt: list[int], max_new: int, threshold: float, strategy, top_k: int,
-                         eos: set[int], rollback_below: float, max_draft: int = 0) -> VerifyRun:
+                         eos: set[int], rollback_below: float, max_draft: int = 0,
+                         min_draft_prob: float = 0.0) -> VerifyRun:
     """The R2R loop in verify mode (services/coordinator/verify.py), plainly: at each routed token the LLM
     judges the SLM tokens it has not read; the first it gives P < rollback_below and would not have chosen is
     replaced by its choice and the rest is dropped. Once `max_draft` (> 0) SLM tokens wait unjudged, the LLM
-    writes the next token without asking the SLM, judging them. Before the answer ends the LLM judges the tail
-    (and an SLM-proposed EOS). Greedy, no stop strings."""
+    writes the next token without asking the SLM, judging them; where the SLM gives its proposal less than
+    `min_draft_prob` (> 0) the LLM writes that position without asking the router. Before the answer ends the
+    LLM judges the tail (and an SLM-proposed EOS). Greedy, no stop strings."""
     ids, run, P = list(prompt), VerifyRun(), len(prompt)
     verified = P
     # The coordinator gets rollback_below and the logprobs as float32: compare the same way.
     below = float(np.float32(rollback_below))
     limit = math.log(below) if below < 1 else None
+    # The SLM's logprob reaches the coordinator as float32, min_draft_prob too.
+    doubt = math.log(float(np.float32(min_draft_prob))) if min_draft_prob > 0 else None
 
     def append(token, source, p):
         ids.append(token)
@@ -118,7 +122,9 @@ def reference_r2r_verify(slm, llm, prompt: list[int], max_new: int, threshold: f
             else:
                 token, feats = slm_features(slm, ids, top_k)
                 source, p = "slm", -1.0
-                if threshold <= 1:
+                if doubt is not None and float(np.float32(math.log(float(feats.top1_prob[0])))) < doubt:
+                    source = "llm"  # the SLM doubts its proposal: the draft ends, the router is not asked
+                elif threshold <= 1:
                     p = float(np.float32(strategy.score(feats)[0]))
                     if p >= float(np.float32(threshold)):
                         source = "llm"

@@ -98,6 +98,15 @@ async def test_verify_mode_through_the_gateway(oai, client):
         await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=4, extra_body={
             "r2r_rollback_below": 1.0, "r2r_max_draft_tokens": -1})
     assert "r2r_max_draft_tokens" in str(err.value)
+    # ... and the draft stop: a probability only a certain SLM reaches ends every draft at once.
+    ref = await client.generate(PROMPT, max_tokens=16, threshold=2.0, rollback_below=0.5, min_draft_probability=0.9999)
+    resp = await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=16, temperature=0, extra_body={
+        "r2r_threshold": 2.0, "r2r_rollback_below": 0.5, "r2r_min_draft_probability": 0.9999})
+    assert extra(resp, "r2r")["token_ids"] == ref.token_ids and ref.stats.llm_tokens > 16 // 2
+    with pytest.raises(openai.BadRequestError) as err:
+        await oai.completions.create(model="r2r", prompt=PROMPT, max_tokens=4, extra_body={
+            "r2r_rollback_below": 1.0, "r2r_min_draft_probability": 1.5})
+    assert "r2r_min_draft_probability" in str(err.value)
 
 
 async def test_streamed_completion_equals_the_coordinator(oai, client):

@@ -3,6 +3,7 @@ produce the documented summary.json, the Markdown table and both plots."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -274,10 +275,10 @@ def test_ab_rotates_assisted_generation_beside_the_llm_alone(tmp_path, tiny_pair
     out = tmp_path / "ab"
     rc = ab.main(["--tiny", str(tiny_dir), "--problems", "2", "--rounds", "2", "--max-tokens", "8",
                   "--slm-dtype", "float32", "--llm-dtype", "float32",
-                  "--modes", "llm,assisted", "--verify", "1,1:2", "--variant", "none=", "--out", str(out)])
+                  "--modes", "llm,assisted", "--verify", "1,1:2,1::0.9", "--variant", "none=", "--out", str(out)])
     assert rc == 0
     variants = json.loads(next(out.glob("ab-*.json")).read_text())["variants"]
-    assert set(variants) == {"plain", "llm-only", "assisted", "verify-1", "verify-1-draft2"}
+    assert set(variants) == {"plain", "llm-only", "assisted", "verify-1", "verify-1-draft2", "verify-1-stop0.9"}
     assisted = variants["assisted"]
     assert len(assisted["aggregate_by_round"]) == 2 and assisted["tokens_per_s"] > 0
     assert assisted["llm_share"] == 1.0 and assisted["same_answer_as_llm"] == 1.0
@@ -288,6 +289,20 @@ def test_ab_rotates_assisted_generation_beside_the_llm_alone(tmp_path, tiny_pair
     # ... also with drafts of at most 2 tokens, where the LLM writes at least every third token.
     assert variants["verify-1-draft2"]["same_answer_as_llm"] == 1.0
     assert variants["verify-1-draft2"]["llm_share"] >= 1 / 3
+    # ... and with a draft stop no proposal of the tiny random SLM reaches: the LLM writes every token.
+    assert variants["verify-1-stop0.9"]["same_answer_as_llm"] == 1.0
+    assert variants["verify-1-stop0.9"]["llm_share"] == 1.0
+
+
+def test_ab_parses_verify_entries():
+    from bench import ab
+
+    assert ab.parse_verify("1,0.5:8,1:20:0.4,1::0.3") == [(1.0, None, None), (0.5, 8, None), (1.0, 20, 0.4),
+                                                           (1.0, None, 0.3)]
+    assert ab.verify_name(1.0, 20, 0.4) == "verify-1-draft20-stop0.4"
+    for bad in ("x", "1:y", "1:2:3:4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ab.parse_verify(bad)
 
 
 def test_ab_refuses_an_unknown_mode_and_assisted_beyond_one_session():
@@ -298,6 +313,6 @@ def test_ab_refuses_an_unknown_mode_and_assisted_beyond_one_session():
     with pytest.raises(SystemExit):
         ab.parse_args(["--modes", "assisted", "--sessions", "4"])
     assert ab.parse_args(["--modes", "assisted"]).modes == ["assisted"]
-    assert ab.parse_args(["--verify", "1,0.5:8"]).verify == [(1.0, None), (0.5, 8)]
+    assert ab.parse_args(["--verify", "1,0.5:8"]).verify == [(1.0, None, None), (0.5, 8, None)]
     with pytest.raises(SystemExit):
         ab.parse_args(["--verify", "1:x"])

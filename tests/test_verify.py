@@ -16,7 +16,7 @@ from conftest import TOP_K, active_sessions, own_coordinator, wait_until
 from r2r_serve.coordinator.servicer import CoordinatorSettings
 from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 from r2r_serve.router.strategies import EntropyStrategy
-from reference import reference_r2r_verify
+from reference import reference_r2r_verify, slm_features
 from test_anchors import PROMPTS, hf_generate, ids_of, middle_threshold
 
 
@@ -32,6 +32,19 @@ def verify_setup(hf):
     rejected = [q for run in probe for q in run.judged_disagreements]
     assert rejected, "the probe judged no disagreement: the fixture models agree everywhere"
     return strategy, prompts, threshold, eos, float(statistics.median(rejected))
+
+
+@pytest.fixture(scope="module")
+def doubt_prob(hf, verify_setup):
+    """A min_draft_probability the SLM's greedy proposals fall below about half the time."""
+    _, prompts, _, _, _ = verify_setup
+    ids, probs = list(prompts[0]), []
+    with torch.inference_mode():
+        for _ in range(16):
+            token, feats = slm_features(hf.slm, ids, TOP_K)
+            probs.append(float(feats.top1_prob[0]))
+            ids.append(token)
+    return float(statistics.median(probs))
 
 
 async def test_the_llm_judges_fed_tokens_like_a_plain_forward(services, hf):
@@ -64,15 +77,19 @@ async def test_the_llm_judges_fed_tokens_like_a_plain_forward(services, hf):
     assert whole.verify_start == 1 and len(whole.verify_tokens) == len(ids) - 1
 
 
-@pytest.mark.parametrize("threshold,max_draft", [("middle", None), (1.5, None), (1.5, 3)])
-async def test_rolling_back_every_disagreement_is_the_llm_generate(client, hf, verify_setup, threshold, max_draft):
+@pytest.mark.parametrize("threshold,max_draft,doubt", [("middle", None, False), (1.5, None, False), (1.5, 3, False),
+                                                       (1.5, 3, True)])
+async def test_rolling_back_every_disagreement_is_the_llm_generate(client, hf, verify_setup, doubt_prob, threshold,
+                                                                   max_draft, doubt):
     """rollback_below = 1: whatever the router routes (some tokens, or none until the end), the answer is the
     LLM's own greedy answer, reached through rollbacks. With a draft length and a router that never routes,
-    this is plain speculative decoding."""
+    this is plain speculative decoding; with a min_draft_probability too, with HF's draft schedule."""
     _, prompts, middle, _, _ = verify_setup
     t = middle if threshold == "middle" else threshold
     results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=t, rollback_below=1.0,
-                                                     max_draft_tokens=max_draft) for p in PROMPTS[:3]))
+                                                     max_draft_tokens=max_draft,
+                                                     min_draft_probability=doubt_prob if doubt else None)
+                                     for p in PROMPTS[:3]))
     for prompt_ids, result in zip(prompts, results):
         assert result.token_ids == hf_generate(hf.llm, prompt_ids, 16, hf.tokenizer.eos_token_id)
         assert result.stats.rollbacks > 0 and result.stats.verify_passes >= 1
@@ -107,17 +124,20 @@ def longest_slm_run(sources: list[str]) -> int:
     return longest
 
 
-async def expect_reference_answers(client, hf, prompts, threshold, below, max_draft, send_draft=True):
-    """Verify-mode answers with draft length `max_draft` equal the reference loop's, stats included, and no
-    more than `max_draft` SLM tokens in a row stand unjudged. `send_draft` False: the request leaves the draft
-    length to the coordinator."""
+async def expect_reference_answers(client, hf, prompts, threshold, below, max_draft, send_draft=True,
+                                   min_draft_prob=0.0, send_doubt=True):
+    """Verify-mode answers with draft length `max_draft` (and draft stop `min_draft_prob`) equal the reference
+    loop's, stats included, and no more than `max_draft` SLM tokens in a row stand unjudged. `send_draft` /
+    `send_doubt` False: the request leaves the draft length / stop to the coordinator."""
     strategy = EntropyStrategy()
     eos = {hf.tokenizer.eos_token_id}
     results = await asyncio.gather(*(client.generate(p, max_tokens=16, threshold=threshold, rollback_below=below,
-                                                     max_draft_tokens=max_draft if send_draft else None)
+                                                     max_draft_tokens=max_draft if send_draft else None,
+                                                     min_draft_probability=min_draft_prob if send_doubt else None)
                                      for p in prompts))
     for prompt_ids, result in zip(prompts, results):
-        ref = reference_r2r_verify(hf.slm, hf.llm, prompt_ids, 16, threshold, strategy, TOP_K, eos, below, max_draft)
+        ref = reference_r2r_verify(hf.slm, hf.llm, prompt_ids, 16, threshold, strategy, TOP_K, eos, below, max_draft,
+                                   min_draft_prob)
         assert result.token_ids == ref.tokens and result.sources == ref.sources
         assert [t.router_probability if t.router_probability is not None else -1.0 for t in result.tokens] == \
             pytest.approx(ref.probabilities, abs=1e-6)
@@ -138,6 +158,35 @@ async def test_a_full_draft_calls_the_llm_like_the_reference_loop(client, hf, ve
     t = middle if threshold == "middle" else threshold
     results = await expect_reference_answers(client, hf, prompts, t, below, max_draft)
     assert sum(r.stats.verify_passes for r in results) >= len(prompts) * 16 // (max_draft + 1) // 2
+
+
+@pytest.mark.parametrize("threshold", ["middle", 1.5])
+async def test_a_doubted_proposal_ends_the_draft_like_the_reference_loop(client, hf, verify_setup, doubt_prob,
+                                                                         threshold):
+    """min_draft_probability: where the SLM gives its proposal less, the LLM writes that position and judges the
+    draft, without the router ("middle": the router ends drafts too; 1.5: only the doubt does)."""
+    _, prompts, middle, _, below = verify_setup
+    t = middle if threshold == "middle" else threshold
+    results = await expect_reference_answers(client, hf, prompts, t, below, 0, min_draft_prob=doubt_prob)
+    # About half the proposals are doubted: the LLM writes a good share, the SLM keeps some.
+    llm = sum(r.stats.llm_tokens for r in results)
+    total = sum(r.stats.completion_tokens for r in results)
+    assert 0 < llm < total
+    if threshold == 1.5:  # the router was never asked
+        assert all(t.router_probability is None for r in results for t in r.tokens)
+
+
+async def test_the_coordinator_default_draft_stop_and_a_request_override(services, hf, verify_setup, doubt_prob):
+    """--verify-min-draft-probability applies to verify requests that set no min_draft_probability; a
+    request's 0 turns it off."""
+    _, prompts, _, _, below = verify_setup
+    settings = CoordinatorSettings(verify_min_draft_probability=doubt_prob)
+    async with own_coordinator(services, settings) as (_, client):
+        doubted = await expect_reference_answers(client, hf, prompts[:2], 1.5, below, 0, min_draft_prob=doubt_prob,
+                                                 send_doubt=False)
+        off = await expect_reference_answers(client, hf, prompts[:2], 1.5, below, 0, min_draft_prob=0.0)
+    # Each matched its own reference loop; the two settings must also differ, or this proved nothing.
+    assert [r.sources for r in doubted] != [r.sources for r in off]
 
 
 async def test_the_coordinator_default_draft_length_and_a_request_override(services, hf, verify_setup):
@@ -183,11 +232,21 @@ async def test_a_bad_rollback_below_is_invalid_argument(client, value):
         await client.generate("def add(a, b):", max_tokens=4, rollback_below=value)
 
 
-async def test_a_draft_length_without_verify_mode_is_invalid_argument(client):
+async def test_a_draft_length_or_stop_without_verify_mode_is_invalid_argument(client):
     from r2r_client import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="max_draft_tokens applies to verify mode only"):
         await client.generate("def add(a, b):", max_tokens=4, max_draft_tokens=4)
+    with pytest.raises(InvalidRequest, match="min_draft_probability applies to verify mode only"):
+        await client.generate("def add(a, b):", max_tokens=4, min_draft_probability=0.4)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+async def test_a_bad_min_draft_probability_is_invalid_argument(client, value):
+    from r2r_client import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="min_draft_probability must be in"):
+        await client.generate("def add(a, b):", max_tokens=4, rollback_below=1.0, min_draft_probability=value)
 
 
 async def test_verify_mode_leaves_no_kv_behind(services, client):

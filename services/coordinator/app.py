@@ -61,6 +61,9 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="verify mode (requests with rollback_below): the LLM judges the SLM's tokens at least every "
                         "N tokens unless the request sets max_draft_tokens; 0 = only where the router routes "
                         "(coordinator/verify.py)")
+    p.add_argument("--verify-min-draft-probability", type=probability, default=0.0, metavar="P",
+                   help="verify mode: a draft also ends where the SLM gives its token a probability below P, unless "
+                        "the request sets min_draft_probability (0.4 is Hugging Face's assistant default); 0 = off")
     p.add_argument("--system-prompt", default="", help="system message for chat requests that carry none")
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='extra apply_chat_template arguments, e.g. \'{"enable_thinking": false}\'')
@@ -80,7 +83,15 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                llm_prefetch_min_tokens=args.llm_prefetch_min_tokens,
                                lookahead=args.lookahead, llm_only_above_sessions=args.llm_only_above_sessions,
                                verify_max_draft=args.verify_max_draft,
+                               verify_min_draft_probability=args.verify_min_draft_probability,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
+    return value
 
 
 def sessions_or_off(text: str) -> int | None:

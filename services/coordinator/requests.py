@@ -99,8 +99,11 @@ def check_rest(req: coordinator_pb2.GenerateRequest, limits: Limits) -> None:
     if req.HasField("rollback_below") and not 0.0 <= req.rollback_below <= 1.0:  # also refuses NaN
         raise ValueError(f"rollback_below must be in [0, 1] (0 = no verify mode, 1 = roll back every token the "
                          f"LLM would not have written), got {req.rollback_below}")
-    if req.HasField("max_draft_tokens") and not req.rollback_below > 0.0:
-        raise ValueError("max_draft_tokens applies to verify mode only: set rollback_below too")
+    for name in ("max_draft_tokens", "min_draft_probability"):
+        if req.HasField(name) and not req.rollback_below > 0.0:
+            raise ValueError(f"{name} applies to verify mode only: set rollback_below too")
+    if req.HasField("min_draft_probability") and not 0.0 <= req.min_draft_probability <= 1.0:  # also NaN
+        raise ValueError(f"min_draft_probability must be in [0, 1] (0 = off), got {req.min_draft_probability}")
     if len(req.stop) > MAX_STOPS:
         raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(req.stop)}")
     if any(not s for s in req.stop):

@@ -42,6 +42,7 @@ class CoordinatorSettings:
     lookahead: bool = True                  # send each next extend before the router has judged the token
     llm_only_above_sessions: int | None = None  # above this many active requests the LLM writes alone; None = off
     verify_max_draft: int = 0               # verify mode's default max_draft_tokens (coordinator.proto); 0 = at routes
+    verify_min_draft_probability: float = 0.0  # verify mode's default min_draft_probability; 0 = off
     chat: ChatOptions = field(default_factory=ChatOptions)
 
 
@@ -180,10 +181,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                           sampling=req.sampling, threshold=threshold, lookahead=self.settings.lookahead,
                           final_tokens=frozenset(eos | stop_ids), rollback_below=req.rollback_below,
                           max_draft=req.max_draft_tokens if req.HasField("max_draft_tokens")
-                          else self.settings.verify_max_draft)
+                          else self.settings.verify_max_draft,
+                          min_draft_prob=req.min_draft_probability if req.HasField("min_draft_probability")
+                          else self.settings.verify_min_draft_probability)
         structlog.contextvars.bind_contextvars(session_id=session.session_id)
         log.info("request_started", prompt_tokens=len(ids), max_tokens=budget, threshold=threshold,
-                 rollback_below=req.rollback_below or None, max_draft=session.max_draft if session.verifying else None)
+                 rollback_below=req.rollback_below or None, max_draft=session.max_draft if session.verifying else None,
+                 min_draft_prob=session.min_draft_prob if session.verifying else None)
         detok = StreamingDetokenizer(self.tokenizer, ids, list(req.stop))
         answer = AnswerStream(session, detok, request_id, req.logprobs, started)
         loop = asyncio.get_running_loop()

@@ -8,7 +8,8 @@ x[0..l). Each step:
   4. the chosen token is appended. Nothing is rolled back: KV is only ever written for fed tokens.
      (Verify mode, per request, is the exception by design: the LLM's catch-up judges the SLM tokens it
      reads and may cut the history back to the first it rejects; verify.py. There the LLM is also called,
-     skipping steps 1-2, once `max_draft` SLM tokens wait for its judgement.)
+     skipping steps 1-2, once `max_draft` SLM tokens wait for its judgement, and after step 1, without
+     asking the router, where the SLM gives its proposal less than `min_draft_prob`.)
 A threshold above 1 never asks the router or the LLM (the SLM alone); a threshold of 0 always routes, so
 the SLM's proposal is not needed and is skipped (the LLM alone). When the router cannot be reached the
 coordinator's fallback decides: "llm" (route, keep quality), "slm" (keep speed) or "fail". Under load
@@ -20,6 +21,7 @@ the router has judged it (lookahead.py): the worker computes while the coordinat
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 from r2r_serve.common import metrics
@@ -55,6 +57,7 @@ class Session:
     ahead: Lookahead | None = None  # the next step's extend, sent early (lookahead.py)
     rollback_below: float = 0.0  # verify mode (verify.py); 0 = off
     max_draft: int = 0           # verify mode: the LLM judges at least every this many SLM tokens; 0 = at routes
+    min_draft_prob: float = 0.0  # verify mode: a draft ends where the SLM is less sure of its token; 0 = off
     llm_only_by_load: bool = False  # above --llm-only-above-sessions: the LLM writes every token (load_policy.py)
     verified: int = 0            # verify mode: tokens before this position are final (the LLM has judged them)
     verify_passes: int = 0
@@ -73,6 +76,12 @@ class Session:
         """Verify mode: `ahead` tokens from now, the SLM will have written `max_draft` tokens the LLM has not
         judged, so the LLM writes the next one and judges them (speculative decoding's draft length)."""
         return self.verifying and self.max_draft > 0 and len(self.history) + ahead - self.verified >= self.max_draft
+
+    def draft_ends_at(self, proposal_logprob: float) -> bool:
+        """Verify mode: the SLM gives its proposal less than `min_draft_prob`, so the LLM writes this position
+        (judging the draft) without asking the router. HF's assistant_confidence_threshold ends drafts the same
+        way; a proposal the SLM doubts is one the LLM is likely to reject, with everything drafted after it."""
+        return self.verifying and self.min_draft_prob > 0.0 and proposal_logprob < math.log(self.min_draft_prob)
 
     @property
     def routes_never(self) -> bool:
@@ -122,21 +131,24 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
     p = -1.0
     if not s.routes_always and not s.draft_full():
         proposal = await s.next_result(slm, s.slm, want_features=not s.routes_never)
+        doubted = s.draft_ends_at(proposal.logprob)
         # Sent before the router answers: the SLM's next forward overlaps the scoring and the streaming. Not
-        # when the draft is full after this token: the next step skips the SLM.
+        # when the draft is full after this token (the next step skips the SLM) or ends here.
         s.look_ahead(slm, s.slm, proposal.token, want_features=not s.routes_never,
-                     may_continue=may_continue and not s.draft_full(ahead=1))
-        if s.routes_never:
+                     may_continue=may_continue and not s.draft_full(ahead=1) and not doubted)
+        if s.routes_never and not doubted:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
-        try:
-            p = await router.score(proposal.features, s.session_id)
-            metrics.ROUTER_PROBABILITY.observe(p)
-            to_llm = p >= s.threshold
-        except PeerUnavailable:
-            if router_fallback == "fail":
-                raise
-            metrics.ROUTER_FALLBACKS.labels(router_fallback).inc()
-            to_llm = router_fallback == "llm"
+        to_llm = doubted
+        if not doubted:
+            try:
+                p = await router.score(proposal.features, s.session_id)
+                metrics.ROUTER_PROBABILITY.observe(p)
+                to_llm = p >= s.threshold
+            except PeerUnavailable:
+                if router_fallback == "fail":
+                    raise
+                metrics.ROUTER_FALLBACKS.labels(router_fallback).inc()
+                to_llm = router_fallback == "llm"
         if not to_llm:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
         # The LLM step takes a while: the SLM's and the router's next batches need not wait for this session.

@@ -56,7 +56,8 @@ def from_r2r_error(exc: R2RError) -> GatewayError:
 # ---- the parsed request --------------------------------------------------------------------------
 
 # Extra (non-OpenAI) request fields, like vLLM's: the R2R knob and two sampling/limit controls.
-EXTRA_FIELDS = ("r2r_threshold", "r2r_rollback_below", "r2r_max_draft_tokens", "top_k", "ignore_eos")
+EXTRA_FIELDS = ("r2r_threshold", "r2r_rollback_below", "r2r_max_draft_tokens", "r2r_min_draft_probability", "top_k",
+                "ignore_eos")
 
 # Unsupported fields, accepted only with one of these "off" values.
 _OFF: dict[str, Callable[[Any], bool]] = {
@@ -252,6 +253,9 @@ def _common(body: dict, plan: Plan, models: ModelTable, default_temperature: flo
     max_draft = _int(body, "r2r_max_draft_tokens", 0, 1 << 20)  # verify mode's draft length (see coordinator.proto)
     if max_draft is not None:
         p["max_draft_tokens"] = max_draft
+    min_draft_prob = _num(body, "r2r_min_draft_probability", 0.0, 1.0)  # verify mode's draft stop (coordinator.proto)
+    if min_draft_prob is not None:
+        p["min_draft_probability"] = min_draft_prob
 
 
 def _object(body) -> dict:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from r2r_serve.proto import common_pb2 as r2r_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18r2r/v1/coordinator.proto\x12\x06r2r.v1\x1a\x13r2r/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\tChatInput\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.r2r.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xdf\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.r2r.v1.ChatInputH\x00\x12,\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x10.r2r.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.r2r.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x16\n\tthreshold\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x12\n\ntimeout_ms\x18\x0b \x01(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x16\n\tllm_share\x18\r \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x0erollback_below\x18\x0e \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x0f \x01(\rH\x04\x88\x01\x01\x42\x07\n\x05inputB\x0c\n\n_thresholdB\x0c\n\n_llm_shareB\x11\n\x0f_rollback_belowB\x13\n\x11_max_draft_tokens\"\x90\x01\n\nTokenEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12&\n\nprovenance\x18\x04 \x01(\x0e\x32\x12.r2r.v1.Provenance\x12\x0f\n\x07logprob\x18\x05 \x01(\x02\x12\x1a\n\x12router_probability\x18\x06 \x01(\x02\"\xe9\x02\n\x0fGenerationStats\x12+\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x14.r2r.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x12\n\nllm_tokens\x18\x04 \x01(\r\x12\x11\n\tllm_share\x18\x05 \x01(\x02\x12\x1d\n\x15time_to_first_token_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x15\n\rstop_sequence\x18\t \x01(\t\x12\x11\n\ttext_tail\x18\n \x01(\t\x12\x15\n\rverify_passes\x18\x0b \x01(\r\x12\x11\n\trollbacks\x18\x0c \x01(\r\x12\x18\n\x10\x64iscarded_tokens\x18\r \x01(\r\x12\x1c\n\x14load_llm_only_tokens\x18\x0e \x01(\r\"~\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05token\x18\x02 \x01(\x0b\x32\x12.r2r.v1.TokenEventH\x00\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x17.r2r.v1.GenerationStatsH\x00\x42\x07\n\x05\x65vent\"\xa7\x01\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12&\n\nprovenance\x18\x04 \x03(\x0e\x32\x12.r2r.v1.Provenance\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.r2r.v1.GenerationStats\"\x16\n\x14GetServerInfoRequest\"\xac\x02\n\nServerInfo\x12\x11\n\tslm_model\x18\x01 \x01(\t\x12\x11\n\tllm_model\x18\x02 \x01(\t\x12\x17\n\x0frouter_strategy\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x15\n\rslm_endpoints\x18\x06 \x03(\t\x12\x15\n\rllm_endpoints\x18\x07 \x03(\t\x12\x17\n\x0frouter_endpoint\x18\x08 \x01(\t\x12\x1f\n\x17max_concurrent_sessions\x18\t \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\n \x01(\r\x12\x13\n\x0bmax_context\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xce\x01\n\x0b\x43oordinator\x12?\n\x08Generate\x12\x17.r2r.v1.GenerateRequest\x1a\x18.r2r.v1.GenerateResponse0\x01\x12;\n\x08\x43omplete\x12\x17.r2r.v1.GenerateRequest\x1a\x16.r2r.v1.GenerateResult\x12\x41\n\rGetServerInfo\x12\x1c.r2r.v1.GetServerInfoRequest\x1a\x12.r2r.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18r2r/v1/coordinator.proto\x12\x06r2r.v1\x1a\x13r2r/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\tChatInput\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.r2r.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9d\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.r2r.v1.ChatInputH\x00\x12,\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x10.r2r.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.r2r.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x16\n\tthreshold\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x12\n\ntimeout_ms\x18\x0b \x01(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x16\n\tllm_share\x18\r \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x0erollback_below\x18\x0e \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x0f \x01(\rH\x04\x88\x01\x01\x12\"\n\x15min_draft_probability\x18\x10 \x01(\x02H\x05\x88\x01\x01\x42\x07\n\x05inputB\x0c\n\n_thresholdB\x0c\n\n_llm_shareB\x11\n\x0f_rollback_belowB\x13\n\x11_max_draft_tokensB\x18\n\x16_min_draft_probability\"\x90\x01\n\nTokenEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12&\n\nprovenance\x18\x04 \x01(\x0e\x32\x12.r2r.v1.Provenance\x12\x0f\n\x07logprob\x18\x05 \x01(\x02\x12\x1a\n\x12router_probability\x18\x06 \x01(\x02\"\xe9\x02\n\x0fGenerationStats\x12+\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x14.r2r.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x12\n\nllm_tokens\x18\x04 \x01(\r\x12\x11\n\tllm_share\x18\x05 \x01(\x02\x12\x1d\n\x15time_to_first_token_s\x18\x06 \x01(\x01\x12\x0f\n\x07total_s\x18\x07 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x08 \x01(\x01\x12\x15\n\rstop_sequence\x18\t \x01(\t\x12\x11\n\ttext_tail\x18\n \x01(\t\x12\x15\n\rverify_passes\x18\x0b \x01(\r\x12\x11\n\trollbacks\x18\x0c \x01(\r\x12\x18\n\x10\x64iscarded_tokens\x18\r \x01(\r\x12\x1c\n\x14load_llm_only_tokens\x18\x0e \x01(\r\"~\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05token\x18\x02 \x01(\x0b\x32\x12.r2r.v1.TokenEventH\x00\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x17.r2r.v1.GenerationStatsH\x00\x42\x07\n\x05\x65vent\"\xa7\x01\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12&\n\nprovenance\x18\x04 \x03(\x0e\x32\x12.r2r.v1.Provenance\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.r2r.v1.GenerationStats\"\x16\n\x14GetServerInfoRequest\"\xac\x02\n\nServerInfo\x12\x11\n\tslm_model\x18\x01 \x01(\t\x12\x11\n\tllm_model\x18\x02 \x01(\t\x12\x17\n\x0frouter_strategy\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x15\n\rslm_endpoints\x18\x06 \x03(\t\x12\x15\n\rllm_endpoints\x18\x07 \x03(\t\x12\x17\n\x0frouter_endpoint\x18\x08 \x01(\t\x12\x1f\n\x17max_concurrent_sessions\x18\t \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\n \x01(\r\x12\x13\n\x0bmax_context\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xce\x01\n\x0b\x43oordinator\x12?\n\x08Generate\x12\x17.r2r.v1.GenerateRequest\x1a\x18.r2r.v1.GenerateResponse0\x01\x12;\n\x08\x43omplete\x12\x17.r2r.v1.GenerateRequest\x1a\x16.r2r.v1.GenerateResult\x12\x41\n\rGetServerInfo\x12\x1c.r2r.v1.GetServerInfoRequest\x1a\x12.r2r.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'r2r.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1799
-  _globals['_FINISHREASON']._serialized_end=1946
+  _globals['_FINISHREASON']._serialized_start=1861
+  _globals['_FINISHREASON']._serialized_end=2008
   _globals['_CHATMESSAGE']._serialized_start=57
   _globals['_CHATMESSAGE']._serialized_end=101
   _globals['_CHATINPUT']._serialized_start=103
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=155
   _globals['_TOKENIDS']._serialized_end=178
   _globals['_GENERATEREQUEST']._serialized_start=181
-  _globals['_GENERATEREQUEST']._serialized_end=660
-  _globals['_TOKENEVENT']._serialized_start=663
-  _globals['_TOKENEVENT']._serialized_end=807
-  _globals['_GENERATIONSTATS']._serialized_start=810
-  _globals['_GENERATIONSTATS']._serialized_end=1171
-  _globals['_GENERATERESPONSE']._serialized_start=1173
-  _globals['_GENERATERESPONSE']._serialized_end=1299
-  _globals['_GENERATERESULT']._serialized_start=1302
-  _globals['_GENERATERESULT']._serialized_end=1469
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1471
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1493
-  _globals['_SERVERINFO']._serialized_start=1496
-  _globals['_SERVERINFO']._serialized_end=1796
-  _globals['_COORDINATOR']._serialized_start=1949
-  _globals['_COORDINATOR']._serialized_end=2155
+  _globals['_GENERATEREQUEST']._serialized_end=722
+  _globals['_TOKENEVENT']._serialized_start=725
+  _globals['_TOKENEVENT']._serialized_end=869
+  _globals['_GENERATIONSTATS']._serialized_start=872
+  _globals['_GENERATIONSTATS']._serialized_end=1233
+  _globals['_GENERATERESPONSE']._serialized_start=1235
+  _globals['_GENERATERESPONSE']._serialized_end=1361
+  _globals['_GENERATERESULT']._serialized_start=1364
+  _globals['_GENERATERESULT']._serialized_end=1531
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1533
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1555
+  _globals['_SERVERINFO']._serialized_start=1558
+  _globals['_SERVERINFO']._serialized_end=1858
+  _globals['_COORDINATOR']._serialized_start=2011
+  _globals['_COORDINATOR']._serialized_end=2217
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "chat", "prompt_token_ids", "max_tokens", "sampling", "stop", "stop_token_ids", "threshold", "logprobs", "timeout_ms", "ignore_eos", "llm_share", "rollback_below", "max_draft_tokens")
+    __slots__ = ("request_id", "prompt", "chat", "prompt_token_ids", "max_tokens", "sampling", "stop", "stop_token_ids", "threshold", "logprobs", "timeout_ms", "ignore_eos", "llm_share", "rollback_below", "max_draft_tokens", "min_draft_probability")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class GenerateRequest(_message.Message):
     LLM_SHARE_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_BELOW_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_DRAFT_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     chat: ChatInput
@@ -73,7 +74,8 @@ class GenerateRequest(_message.Message):
     llm_share: float
     rollback_below: float
     max_draft_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., logprobs: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., llm_share: _Optional[float] = ..., rollback_below: _Optional[float] = ..., max_draft_tokens: _Optional[int] = ...) -> None: ...
+    min_draft_probability: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., logprobs: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., llm_share: _Optional[float] = ..., rollback_below: _Optional[float] = ..., max_draft_tokens: _Optional[int] = ..., min_draft_probability: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("index", "token_id", "text", "provenance", "logprob", "router_probability")

@@ -84,7 +84,7 @@ class AsyncR2RClient:
         """Start a generation; iterate the result for tokens. `timeout` (s) is the gRPC deadline; `token`
         overrides the client's bearer token for this call.
         params: max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, threshold, llm_share, rollback_below,
-        max_draft_tokens, logprobs, ignore_eos, request_id."""
+        max_draft_tokens, min_draft_probability, logprobs, ignore_eos, request_id."""
         req = build_request(prompt, **params)
         metadata = self._metadata(token)
 

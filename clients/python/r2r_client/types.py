@@ -64,7 +64,8 @@ def build_request(prompt: Prompt, *, max_tokens: int = 0, temperature: float = 0
                   stop_token_ids: Sequence[int] = (), threshold: float | None = None, logprobs: bool = False,
                   ignore_eos: bool = False, request_id: str = "", timeout_ms: int = 0,
                   llm_share: float | None = None, rollback_below: float | None = None,
-                  max_draft_tokens: int | None = None) -> coordinator_pb2.GenerateRequest:
+                  max_draft_tokens: int | None = None,
+                  min_draft_probability: float | None = None) -> coordinator_pb2.GenerateRequest:
     req = coordinator_pb2.GenerateRequest(request_id=request_id, max_tokens=max_tokens, stop=list(stop),
                                           stop_token_ids=list(stop_token_ids), logprobs=logprobs,
                                           ignore_eos=ignore_eos, timeout_ms=timeout_ms)
@@ -79,6 +80,8 @@ def build_request(prompt: Prompt, *, max_tokens: int = 0, temperature: float = 0
         req.rollback_below = rollback_below
     if max_draft_tokens is not None:  # verify mode's draft length; see coordinator.proto
         req.max_draft_tokens = max_draft_tokens
+    if min_draft_probability is not None:  # verify mode: drafts end where the SLM is less sure than this
+        req.min_draft_probability = min_draft_probability
     if isinstance(prompt, str):
         req.prompt = prompt
     elif prompt and isinstance(prompt[0], dict):
