@@ -49,3 +49,16 @@ def software_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def write_stamped(out_dir: str | Path, prefix: str, payload: dict, device: str = "cpu") -> Path:
+    """`payload` with the machine and the UTC date, as OUT_DIR/PREFIX-<UTC stamp>.json; returns the path."""
+    import datetime as dt
+    import json
+
+    now = dt.datetime.now(dt.timezone.utc)
+    record = dict(machine=machine_description(device), date=now.isoformat(timespec="seconds"), **payload)
+    path = Path(out_dir) / f"{prefix}-{now:%Y%m%dT%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return path

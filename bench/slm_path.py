@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from bench import humaneval, runner
 from bench.args import add_pair_args, resolve_auto_dtypes
-from bench.machine import machine_description
+from bench.machine import write_stamped
 
 LAYERS = ("hf", "worker", "service")
 
@@ -160,12 +157,9 @@ def main(argv=None) -> int:
     for k, v in medians.items():
         print(f"  {k:14s} {v:7.1f}  ({1000 / v:5.2f} tok/s)  vs hf {v / medians['hf']:.3f}")
     print("tokens equal to the bare model's:", agree)
-    out = dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               slm=str(slm), slm_dtype=args.slm_dtype, tokens=args.tokens, rounds=args.rounds,
-               ms_per_token=ms, median_ms_per_token=medians, tokens_agree=agree)
-    path = Path(args.out) / f"slm_path-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    path = write_stamped(args.out, "slm_path", dict(
+        slm=str(slm), slm_dtype=args.slm_dtype, tokens=args.tokens, rounds=args.rounds, ms_per_token=ms,
+        median_ms_per_token=medians, tokens_agree=agree), args.device)
     print(f"wrote {path}")
     return 0
 

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from bench import assisted, humaneval, runner
 from bench.ab import load_assisted, parse_verify, verify_name, verify_params
 from bench.args import add_pair_args, resolve_auto_dtypes
-from bench.machine import machine_description
+from bench.machine import write_stamped
 
 
 @dataclass
@@ -176,12 +173,9 @@ def main(argv=None) -> int:
     # Assisted generation is the LLM's own answer; lossy plain R2R entries may differ on some problems.
     same = {name: sum(a == b for a, b in zip(texts[name], texts["assisted"])) / len(requests) for name in texts}
     print("answers equal to assisted's:", same)
-    out = dict(machine=machine_description(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               router=args.router, problems=args.problems, max_tokens=args.max_tokens,
-               slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype, entries=rows, same_answer_as_assisted=same)
-    path = Path(args.out) / f"spec_breakdown-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    path = write_stamped(args.out, "spec_breakdown", dict(
+        router=args.router, problems=args.problems, max_tokens=args.max_tokens, slm_dtype=args.slm_dtype,
+        llm_dtype=args.llm_dtype, entries=rows, same_answer_as_assisted=same), args.device)
     print(f"wrote {path}")
     return 0
 
