@@ -29,12 +29,12 @@ def _counts() -> dict[str, float]:
     return {f"{pool}/{outcome}": _steps(pool, outcome) for pool in ("slm", "llm") for outcome in ("used", "discarded")}
 
 
-async def _run(services, slm_target: str, lookahead: bool, requests: list[dict]):
+async def _run(services, slm_target: str, lookahead: bool, requests: list[dict], min_prob: float = 0.0):
     """The requests, concurrently, through a coordinator of their own; the lookahead counters they moved."""
     from r2r_client import AsyncR2RClient
 
     coord = await start_coordinator(slm_target, services.llm_target, services.coord.servicer.router.endpoint,
-                                    CoordinatorSettings(lookahead=lookahead))
+                                    CoordinatorSettings(lookahead=lookahead, lookahead_min_probability=min_prob))
     before = _counts()
     try:
         async with AsyncR2RClient(f"127.0.0.1:{coord.port}") as client:
@@ -45,12 +45,13 @@ async def _run(services, slm_target: str, lookahead: bool, requests: list[dict])
     return results, {k: after[k] - before[k] for k in after}
 
 
-@pytest.mark.parametrize("lookahead", [True, False])
-async def test_routed_outputs_equal_the_reference_loop(services, hf, lookahead):
+@pytest.mark.parametrize("lookahead,min_prob", [(True, 0.0), (False, 0.0), (True, 1.0)])
+async def test_routed_outputs_equal_the_reference_loop(services, hf, lookahead, min_prob):
+    """min_prob 1: no proposal is sure enough for an early extend; only final tokens (the LLM's) get one."""
     threshold = _threshold_between_scores(hf, ids_of(hf, PROMPTS[0]))
     eos = {hf.tokenizer.eos_token_id}
     requests = [dict(prompt=p, max_tokens=20, threshold=threshold) for p in PROMPTS]
-    results, moved = await _run(services, services.slm_target, lookahead, requests)
+    results, moved = await _run(services, services.slm_target, lookahead, requests, min_prob)
     changed = 0
     for prompt, result in zip(PROMPTS, results):
         ref = reference_r2r(hf.slm, hf.llm, ids_of(hf, prompt), 20, threshold, EntropyStrategy(), TOP_K, eos)
@@ -59,7 +60,10 @@ async def test_routed_outputs_equal_the_reference_loop(services, hf, lookahead):
         slm_would_have = reference_r2r(hf.slm, hf.llm, ids_of(hf, prompt), 20, 2.0, EntropyStrategy(), TOP_K, eos)
         changed += result.token_ids != slm_would_have.tokens
     assert changed, "the LLM should change some tokens, or no lookahead is ever discarded"
-    if lookahead:
+    if lookahead and min_prob >= 1.0:
+        assert moved["slm/used"] > 0, "the LLM's tokens are final: their lookaheads are sent and used"
+        assert moved["slm/discarded"] == 0, "no early extend on an unjudged proposal, so none is discarded"
+    elif lookahead:
         assert moved["slm/used"] > 0
         assert moved["slm/discarded"] > 0, "a routed token the LLM changed must discard the SLM's lookahead"
     else:

@@ -61,6 +61,10 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="verify mode (requests with rollback_below): the LLM judges the SLM's tokens at least every "
                         "N tokens unless the request sets max_draft_tokens; 0 = only where the router routes "
                         "(coordinator/verify.py)")
+    p.add_argument("--lookahead-min-probability", type=probability, default=0.0, metavar="P",
+                   help="no lookahead on an SLM proposal the SLM gives a probability below P: such tokens are the "
+                        "likely routes, where an early SLM forward competes with the LLM's catch-up for shared "
+                        "cores; 0 = always look ahead (coordinator/lookahead.py)")
     p.add_argument("--verify-min-draft-probability", type=probability, default=0.0, metavar="P",
                    help="verify mode: a draft also ends where the SLM gives its token a probability below P, unless "
                         "the request sets min_draft_probability (0.4 is Hugging Face's assistant default); 0 = off")
@@ -84,6 +88,7 @@ def settings_from_args(args: argparse.Namespace) -> CoordinatorSettings:
                                lookahead=args.lookahead, llm_only_above_sessions=args.llm_only_above_sessions,
                                verify_max_draft=args.verify_max_draft,
                                verify_min_draft_probability=args.verify_min_draft_probability,
+                               lookahead_min_probability=args.lookahead_min_probability,
                                chat=ChatOptions(args.system_prompt, args.chat_template_kwargs))
 
 

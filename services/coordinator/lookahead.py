@@ -10,7 +10,8 @@ streams the token to the client and loops back. With it the coordinator sends th
     to the position it assumed: the worker crops its KV to that point on the next extend (KV past the
     cursor is never trusted), so outputs are exactly those of the step-by-step loop.
 The cost is a wasted SLM step per routed token the LLM changes; on a GPU it runs beside the LLM's forward,
-on a CPU it competes with it for cores (bench/ measures both settings).
+on a CPU it competes with it for cores (bench/ measures both settings). `--lookahead-min-probability P` skips
+the early extend for proposals the SLM gives less than P, the tokens a router is likely to route.
 """
 
 from __future__ import annotations

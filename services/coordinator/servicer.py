@@ -40,6 +40,7 @@ class CoordinatorSettings:
     router_fallback: str = "llm"            # when the router is unreachable: llm | slm | fail
     llm_prefetch_min_tokens: int = 0        # eager LLM catch-up of lags >= this while the LLM is idle; 0 = off
     lookahead: bool = True                  # send each next extend before the router has judged the token
+    lookahead_min_probability: float = 0.0  # ... unless the SLM gives its proposal less than this (lookahead.py)
     llm_only_above_sessions: int | None = None  # above this many active requests the LLM writes alone; None = off
     verify_max_draft: int = 0               # verify mode's default max_draft_tokens (coordinator.proto); 0 = at routes
     verify_min_draft_probability: float = 0.0  # verify mode's default min_draft_probability; 0 = off
@@ -179,6 +180,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         eos = set() if req.ignore_eos else self.eos_token_ids
         session = Session(session_id=f"{request_id}-{uuid.uuid4().hex[:8]}", history=list(ids), prompt_len=len(ids),
                           sampling=req.sampling, threshold=threshold, lookahead=self.settings.lookahead,
+                          lookahead_min_prob=self.settings.lookahead_min_probability,
                           final_tokens=frozenset(eos | stop_ids), rollback_below=req.rollback_below,
                           max_draft=req.max_draft_tokens if req.HasField("max_draft_tokens")
                           else self.settings.verify_max_draft,

@@ -53,6 +53,7 @@ class Session:
     llm: Placement = field(default_factory=Placement)
     llm_prefetch: asyncio.Task | None = None  # an eager LLM catch-up in flight (prefetch.py)
     lookahead: bool = False
+    lookahead_min_prob: float = 0.0  # no lookahead on an unjudged SLM proposal the SLM gives less (lookahead.py)
     final_tokens: frozenset[int] = frozenset()  # tokens that end the answer (EOS, stop ids): nothing follows
     ahead: Lookahead | None = None  # the next step's extend, sent early (lookahead.py)
     rollback_below: float = 0.0  # verify mode (verify.py); 0 = off
@@ -133,9 +134,11 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
         proposal = await s.next_result(slm, s.slm, want_features=not s.routes_never)
         doubted = s.draft_ends_at(proposal.logprob)
         # Sent before the router answers: the SLM's next forward overlaps the scoring and the streaming. Not
-        # when the draft is full after this token (the next step skips the SLM) or ends here.
+        # when the draft is full after this token (the next step skips the SLM) or ends here, nor for a
+        # proposal the SLM doubts (likely routed: on shared cores that forward would slow the LLM's catch-up).
+        sure = s.routes_never or s.lookahead_min_prob <= 0.0 or proposal.logprob >= math.log(s.lookahead_min_prob)
         s.look_ahead(slm, s.slm, proposal.token, want_features=not s.routes_never,
-                     may_continue=may_continue and not s.draft_full(ahead=1) and not doubted)
+                     may_continue=may_continue and not s.draft_full(ahead=1) and not doubted and sure)
         if s.routes_never and not doubted:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
         to_llm = doubted
