@@ -32,6 +32,11 @@ from r2r_serve.coordinator.verify import judge
 from r2r_serve.proto import common_pb2
 
 
+def doubts(logprob: float, min_prob: float) -> bool:
+    """The SLM gave its proposal (log-probability `logprob`) less than `min_prob`; a `min_prob` of 0 never doubts."""
+    return min_prob > 0.0 and logprob < math.log(min_prob)
+
+
 @dataclass
 class StepResult:
     token: int
@@ -82,7 +87,7 @@ class Session:
         """Verify mode: the SLM gives its proposal less than `min_draft_prob`, so the LLM writes this position
         (judging the draft) without asking the router. HF's assistant_confidence_threshold ends drafts the same
         way; a proposal the SLM doubts is one the LLM is likely to reject, with everything drafted after it."""
-        return self.verifying and self.min_draft_prob > 0.0 and proposal_logprob < math.log(self.min_draft_prob)
+        return self.verifying and doubts(proposal_logprob, self.min_draft_prob)
 
     @property
     def routes_never(self) -> bool:
@@ -136,9 +141,9 @@ async def r2r_step(s: Session, slm: WorkerPool, router: RouterClient, llm: Worke
         # Sent before the router answers: the SLM's next forward overlaps the scoring and the streaming. Not
         # when the draft is full after this token (the next step skips the SLM) or ends here, nor for a
         # proposal the SLM doubts (likely routed: on shared cores that forward would slow the LLM's catch-up).
-        sure = s.routes_never or s.lookahead_min_prob <= 0.0 or proposal.logprob >= math.log(s.lookahead_min_prob)
+        likely_routed = not s.routes_never and doubts(proposal.logprob, s.lookahead_min_prob)
         s.look_ahead(slm, s.slm, proposal.token, want_features=not s.routes_never,
-                     may_continue=may_continue and not s.draft_full(ahead=1) and not doubted and sure)
+                     may_continue=may_continue and not s.draft_full(ahead=1) and not doubted and not likely_routed)
         if s.routes_never and not doubted:
             return StepResult(proposal.token, common_pb2.PROVENANCE_SLM, proposal.logprob, p)
         to_llm = doubted
