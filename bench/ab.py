@@ -23,7 +23,9 @@ in this process (the services idle meanwhile; batch 1 only, as HF assists one se
 verify mode (rollback_below P) on the plain coordinator at the same threshold (P = 1: lossless, the LLM's own
 answers); `P:D` also sets its draft length D (max_draft_tokens; with --threshold 2 the router never routes and
 this is plain speculative decoding through the services), `P:D:C` its draft stop C (min_draft_probability:
-1:20:0.4 is HF assisted generation's schedule). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
+1:20:0.4 is HF assisted generation's schedule). With `--slm-draft-vocab N` the SLM worker drafts on a head over its
+N most frequent tokens (worker/draft_vocab.py) and so does `assisted`'s assistant; `--modes assisted-full` adds HF
+assisted generation as it ships (the assistant's whole head). With `llm` among the modes every other entry reports `same_answer_as_llm`, the share of its answers
 equal to the LLM alone's.
 """
 
@@ -60,6 +62,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 MODE_THRESHOLDS = {"llm": 0.0, "slm": 2.0}  # the LLM alone, the SLM alone: on the plain coordinator
 ASSISTED = "assisted"  # in-process HF assisted generation, no services
+ASSISTED_FULL = "assisted-full"  # the same with the assistant's whole head (with --slm-draft-vocab)
+# Which assistant head each in-process mode drafts with: assisted takes the workers' (a drafting head with
+# --slm-draft-vocab), assisted-full the model's own.
+ASSISTANT_HEADS = {ASSISTED: lambda pair: "draft" if "draft" in pair.assistant_heads else "full",
+                   ASSISTED_FULL: lambda pair: "full"}
 
 
 def rotated(names: list[str], round_index: int) -> list[str]:
@@ -84,18 +91,20 @@ def main(argv=None) -> int:
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype,
                                      llm_dtype=args.llm_dtype,
                                      strategies={strategy: checkpoint}, threads=args.threads, variants=variants,
-                                     slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize, say=console.print)
+                                     slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
+                                     slm_draft_vocab=args.slm_draft_vocab, say=console.print)
     targets = {PLAIN if name == strategy else name.split("+", 1)[1]: t for name, t in services.coordinators.items()}
     r2r_names = list(targets)
     targets |= {f"{mode}-only": targets[PLAIN] for mode in args.modes if mode in MODE_THRESHOLDS}
     verify = {verify_name(*spec): spec for spec in args.verify}
     targets |= {name: targets[PLAIN] for name in verify}
-    names = list(targets) + ([ASSISTED] if ASSISTED in args.modes else [])
+    names = list(targets) + [m for m in (ASSISTED, ASSISTED_FULL) if m in args.modes]
     results: dict[str, list[runner.RunResult]] = {n: [] for n in names}
     try:
         for target in targets.values():
             runner.warm_up(target, [2.0, 0.0, 0.5])
-        pair = load_assisted(args, slm, llm, requests[0]) if ASSISTED in args.modes else None
+        in_process = {ASSISTED, ASSISTED_FULL} & set(args.modes)
+        pair = load_assisted(args, slm, llm, requests[0]) if in_process else None
         threshold = args.threshold
         with new_progress() as progress:
             if threshold is None:
@@ -104,9 +113,10 @@ def main(argv=None) -> int:
                 threshold = cal["thresholds"][args.share]
             for i in range(args.rounds):
                 for name in rotated(names, i):
-                    if name == ASSISTED:
-                        results[name].append(assisted.run_requests(pair, requests, args.max_tokens, stop=runner.STOP,
-                                                                   progress=progress, label=f"round {i + 1} {name}"))
+                    if name in in_process:
+                        results[name].append(assisted.run_requests(
+                            pair, requests, args.max_tokens, stop=runner.STOP, progress=progress,
+                            label=f"round {i + 1} {name}", assistant_head=ASSISTANT_HEADS[name](pair)))
                         continue
                     mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(
@@ -156,7 +166,8 @@ def load_assisted(args, slm: str, llm: str, warm: runner.Request) -> "assisted.P
     """The pair for HF assisted generation, loaded as the workers load theirs, after one short untimed answer
     (first-call allocations would otherwise land on the first round)."""
     pair = assisted.load_pair(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                              threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
+                              threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
+                              slm_draft_vocab=args.slm_draft_vocab)
     assisted.generate(pair, warm.messages, 8, "assisted")
     return pair
 
@@ -220,7 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a coordinator variant and its extra flags (repeatable; default: nolookahead=--no-lookahead)")
     p.add_argument("--modes", type=lambda t: [m for m in t.split(",") if m], default=[],
                    help="also rotate these: llm (threshold 0) and slm (threshold 2) on the plain coordinator, "
-                        "assisted (HF assisted generation in this process; --sessions 1)")
+                        "assisted (HF assisted generation in this process; --sessions 1), assisted-full (the "
+                        "same, its assistant on its whole head where --slm-draft-vocab gives the others a drafting head)")
     p.add_argument("--verify", type=parse_verify, default=[], metavar="P[:D[:C]][,...]",
                    help="also rotate verify mode with these rollback_below values (and draft lengths D, "
                         "max_draft_tokens, and draft stops C, min_draft_probability) on the plain coordinator")
@@ -234,11 +246,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="use this threshold instead of calibrating")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ab"))
     args = p.parse_args(argv)
-    known = [*MODE_THRESHOLDS, ASSISTED]
+    known = [*MODE_THRESHOLDS, ASSISTED, ASSISTED_FULL]
     unknown = set(args.modes) - set(known)
     if unknown:
         p.error(f"--modes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(known)})")
-    if ASSISTED in args.modes and args.sessions != 1:
+    if {ASSISTED, ASSISTED_FULL} & set(args.modes) and args.sessions != 1:
         p.error("--modes assisted runs one request at a time (HF assisted generation assists one sequence); "
                 "use --sessions 1")
     return args

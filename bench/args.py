@@ -17,6 +17,9 @@ def add_pair_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> No
     for role in ("slm", "llm"):
         p.add_argument(f"--{role}-quantize", default="none", choices=list(QUANTIZE_CHOICES),
                        help=f"the {role.upper()} worker's --quantize; the in-process baselines get the same weights")
+    p.add_argument("--slm-draft-vocab", type=int, default=0, metavar="N",
+                   help="the SLM worker's --draft-vocab (its head scores the N most frequent tokens); HF assisted "
+                        "generation's assistant gets the same head (bench.ab --modes assisted-full: its whole head)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
 
 

@@ -50,6 +50,9 @@ class Pair:
     tokenizer: object         # the LLM folder's tokenizer (the SLM must share it)
     device: torch.device
     eos_token_ids: list[int]
+    # The assistant's output heads by name ("full"; "draft" when loaded with slm_draft_vocab, installed by
+    # default): generate(assistant_head=...) picks one.
+    assistant_heads: dict[str, torch.nn.Module] | None = None
 
 
 @dataclass
@@ -104,13 +107,15 @@ class StopStrings(StoppingCriteria):
 # ---- loading --------------------------------------------------------------------------------------
 def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", slm_dtype: str = "float32",
               llm_dtype: str = "float32", threads: int = 0, slm_quantize: str = "none",
-              llm_quantize: str = "none") -> Pair:
+              llm_quantize: str = "none", slm_draft_vocab: int = 0) -> Pair:
     """Both models from local folders (never the hub), in eval mode, plus the LLM folder's tokenizer.
 
     HF generate runs each model in one dtype: for a split policy (DECODE/PREFILL, common/dtypes.py) the
     drafting SLM takes DECODE (it writes token by token), the verifying LLM PREFILL (multi-token forwards).
     `*_quantize`: the workers' --quantize, applied as a worker applies it (to its DECODE weights), so this
-    baseline runs the same weights as the services; float32 layers on the CPU are prepacked, as theirs are."""
+    baseline runs the same weights as the services; float32 layers on the CPU are prepacked, as theirs are.
+    `slm_draft_vocab`: the SLM worker's --draft-vocab, offered to the assistant alike (worker/draft_vocab.py):
+    it drafts with that head unless generate() is asked for the full one."""
     from transformers import AutoTokenizer
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -120,15 +125,31 @@ def load_pair(slm_path: str | Path, llm_path: str | Path, device: str = "cpu", s
     tokenizer = AutoTokenizer.from_pretrained(_local(llm_path), local_files_only=True)
     slm = _load_model(slm_path, slm_dtype if slm_dtype == "auto" else parse_dtype_policy(slm_dtype).decode, dev)
     llm = _load_model(llm_path, llm_dtype if llm_dtype == "auto" else parse_dtype_policy(llm_dtype).prefill, dev)
-    for model, spec, quantize in ((slm, slm_dtype, slm_quantize), (llm, llm_dtype, llm_quantize)):
-        if quantize != "none" and (spec == "auto" or model.dtype == parse_dtype(parse_dtype_policy(spec).decode)):
+    eos = _eos_ids(tokenizer, slm, llm)
+    draft = None
+    if slm_draft_vocab > 0:
+        from r2r_serve.worker.draft_vocab import DraftHead, draft_token_ids
+
+        head = slm.get_output_embeddings()
+        draft = DraftHead(head, draft_token_ids(tokenizer, slm_draft_vocab, head.out_features, always=eos))
+    for model, spec, quantize in ((slm, slm_dtype, slm_quantize), (llm, llm_dtype, llm_quantize), (draft, slm_dtype, slm_quantize)):
+        if model is None:
+            continue
+        if quantize != "none" and (spec == "auto" or _dtype_of(model) == parse_dtype(parse_dtype_policy(spec).decode)):
             quantize_model(model, quantize)
         elif dev.type == "cpu" and prepack_available():
             prepack_linears(model)  # fp32 layers on prepacked weights, as the workers hold them
-    eos = _eos_ids(tokenizer, slm, llm)
+    heads = {"full": slm.get_output_embeddings()}
+    if draft is not None:
+        heads["draft"] = draft
+        slm.set_output_embeddings(draft)
     for model in (slm, llm):
         _plain_greedy_config(model, eos, tokenizer)
-    return Pair(slm=slm, llm=llm, tokenizer=tokenizer, device=dev, eos_token_ids=eos)
+    return Pair(slm=slm, llm=llm, tokenizer=tokenizer, device=dev, eos_token_ids=eos, assistant_heads=heads)
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _local(path: str | Path) -> str:
@@ -170,9 +191,11 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop: Sequence[str] = ()) -> Result:
+def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop: Sequence[str] = (),
+             assistant_head: str | None = None) -> Result:
     """One greedy answer: "assisted" = the LLM with the SLM drafting, "llm"/"slm" = that model alone.
-    `stop`: strings that end the answer (as the service's `stop`)."""
+    `stop`: strings that end the answer (as the service's `stop`). `assistant_head`: one of
+    pair.assistant_heads to draft with ("full", or "draft" when there is one); None = the installed one."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if max_tokens < 1:
@@ -180,6 +203,8 @@ def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop
     stop = [stop] if isinstance(stop, str) else list(stop)
     started = time.perf_counter()
     ids = torch.tensor([prompt_ids(pair.tokenizer, messages)], device=pair.device)
+    if assistant_head is not None:
+        pair.slm.set_output_embeddings(pair.assistant_heads[assistant_head])
     model = pair.slm if mode == "slm" else pair.llm
     extra = {"assistant_model": _checked_assistant(pair)} if mode == "assisted" else {}
     clock = FirstTokenClock()
@@ -195,7 +220,7 @@ def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop
 
 
 def run_requests(pair: Pair, requests, max_tokens: int, stop: Sequence[str] = (), progress=None,
-                 label: str = "assisted generation"):
+                 label: str = "assisted generation", assistant_head: str | None = None):
     """`requests` (bench.runner.Request) one after another in assisted mode, as a bench.runner.RunResult so
     assisted runs sit beside the services' runs in the harness and in bench.ab (HF assists one sequence)."""
     from bench.runner import Outcome, RunResult
@@ -204,7 +229,7 @@ def run_requests(pair: Pair, requests, max_tokens: int, stop: Sequence[str] = ()
     outcomes = []
     start = time.perf_counter()
     for req in requests:
-        r = generate(pair, req.messages, max_tokens, "assisted", stop=stop)
+        r = generate(pair, req.messages, max_tokens, "assisted", stop=stop, assistant_head=assistant_head)
         outcomes.append(Outcome(key=req.key, text=r.text, sources=["llm"] * r.completion_tokens, probabilities=[],
                                 prompt_tokens=0, completion_tokens=r.completion_tokens, llm_share=1.0,
                                 ttft_s=r.ttft_s, total_s=r.total_s, tokens_per_s=r.tokens_per_s, finish=""))

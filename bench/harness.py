@@ -117,7 +117,8 @@ def service_phase(args, slm: str, llm: str, problems, strategies: dict[str, str 
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies=strategies, threads=args.threads, log_dir=args.log_dir,
                                      variants=variants | sweep_variants, slm_quantize=args.slm_quantize,
-                                     llm_quantize=args.llm_quantize, say=console.print,
+                                     llm_quantize=args.llm_quantize, slm_draft_vocab=args.slm_draft_vocab,
+                                     say=console.print,
                                      worker_args=["--forward-fixed-rows", str(args.forward_fixed_rows)]
                                      if args.forward_fixed_rows else [])
     out: dict = {"calibration": {}, "runs": [], "sweep": []}
@@ -189,7 +190,8 @@ def assisted_phase(args, slm: str, llm: str, problems) -> runner.RunResult | Non
     from bench import assisted
 
     pair = assisted.load_pair(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                              threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize)
+                              threads=args.threads, slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
+                              slm_draft_vocab=args.slm_draft_vocab)
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems[: args.speed_problems]]
     with new_progress() as progress:
         result = assisted.run_requests(pair, requests, args.max_tokens, stop=runner.STOP, progress=progress)

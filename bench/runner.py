@@ -83,6 +83,7 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
                    threads: int = 0, log_dir: str | None = None, max_sessions: int = 64,
                    variants: dict[str, list[str]] | None = None,
                    slm_quantize: str = "none", llm_quantize: str = "none", worker_args: list[str] = (),
+                   slm_draft_vocab: int = 0,
                    say=print) -> Services:
     """Workers once, then a router + coordinator per strategy ({name: checkpoint or None}); for each of
     `variants` ({variant: extra coordinator flags}), one more for the first strategy ("<name>+<variant>"):
@@ -97,7 +98,8 @@ def start_services(slm: str, llm: str, *, device: str, slm_dtype: str, llm_dtype
     d = start_deployment(cluster, slm=slm, llm=llm, slm_dtype=slm_dtype, llm_dtype=llm_dtype, device=device,
                          threads=threads, slm_quantize=slm_quantize, llm_quantize=llm_quantize,
                          router_strategy=first, router_checkpoint=strategies[first],
-                         coordinator_args=limit, worker_args=worker_args, say=lambda *a, **k: None)
+                         coordinator_args=limit, worker_args=worker_args, slm_draft_vocab=slm_draft_vocab,
+                         say=lambda *a, **k: None)
     services = Services(cluster, {first: d.coordinator}, d.slm, d.llm)
     for name in names[1:]:
         _, services.coordinators[name] = start_router_and_coordinator(

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from r2r_serve.cli import resolve_models
     from r2r_serve.common.dtypes import parse_dtype_policy
 
-    from bench.assisted import _load_model, prompt_ids
+    from bench.assisted import _eos_ids as assisted_eos, _load_model, prompt_ids
 
     slm, llm, _ = resolve_models(args)
     resolve_auto_dtypes(args)
@@ -123,14 +123,22 @@ def main(argv=None) -> int:
     problem = humaneval.load_problems(1)[0]
     messages = humaneval.chat_messages(problem)
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
-                                     strategies={"entropy": None}, threads=args.threads)
+                                     strategies={"entropy": None}, threads=args.threads,
+                                     slm_draft_vocab=args.slm_draft_vocab)
     try:
         target = services.coordinators["entropy"]
         # The worker decodes in its policy's DECODE dtype; so does this bare loop.
         model = _load_model(slm, parse_dtype_policy(args.slm_dtype).decode, torch.device(args.device))
         from transformers import AutoTokenizer
 
-        prompt = prompt_ids(AutoTokenizer.from_pretrained(slm, local_files_only=True), messages)
+        tokenizer = AutoTokenizer.from_pretrained(slm, local_files_only=True)
+        if args.slm_draft_vocab:  # the worker's drafting head, on the bare model too
+            from r2r_serve.worker.draft_vocab import draft_token_ids, install_draft_head
+
+            vocab = model.get_output_embeddings().out_features
+            install_draft_head(model, draft_token_ids(tokenizer, args.slm_draft_vocab, vocab,
+                                                      always=assisted_eos(tokenizer, model)))
+        prompt = prompt_ids(tokenizer, messages)
         runner.warm_up(target, [2.0])
         hf_ms_per_token(model, prompt, 8)
         ms: dict[str, list[float]] = {name: [] for name in (*LAYERS, "worker_inside")}

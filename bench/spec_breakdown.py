@@ -116,6 +116,7 @@ def main(argv=None) -> int:
             raise SystemExit("--router neural: the prepared pair ships no router checkpoint")
     services = runner.start_services(slm, llm, device=args.device, slm_dtype=args.slm_dtype, llm_dtype=args.llm_dtype,
                                      strategies={args.router: checkpoint}, threads=args.threads,
+                                     slm_draft_vocab=args.slm_draft_vocab,
                                      variants={"nolookahead": ["--no-lookahead"]} if args.no_lookahead else None)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     coordinators = {"": args.router} | ({"+nolookahead": f"{args.router}+nolookahead"} if args.no_lookahead else {})

@@ -173,7 +173,7 @@ def cmd_serve(args) -> int:
                              router_strategy=plan.router_strategy, router_checkpoint=plan.router_checkpoint,
                              threshold=plan.threshold, port=args.port, certs=certs, token=token,
                              slm_quantize=args.slm_quantize, llm_quantize=args.llm_quantize,
-                             coordinator_args=plan.coordinator_args)
+                             slm_draft_vocab=args.slm_draft_vocab, coordinator_args=plan.coordinator_args)
         coord_ep = d.coordinator
         print(f"R2R coordinator listening on {coord_ep}  (slm {d.slm}, llm {d.llm}, router {d.router})", flush=True)
         if args.gateway_port:
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the SLM worker's --quantize. {quantize_help}")
     p.add_argument("--llm-quantize", default="none", choices=list(QUANTIZE_CHOICES),
                    help=f"the LLM worker's --quantize. {quantize_help}")
+    p.add_argument("--slm-draft-vocab", type=int, default=0, metavar="N",
+                   help="the SLM worker's --draft-vocab: its head scores only the N most frequent tokens "
+                        "(a cheaper step; lossless in verify mode at rollback_below 1). 0 = off")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = default)")
     p.add_argument("--slm-replicas", type=int, default=1, help="SLM worker processes")
     p.add_argument("--llm-replicas", type=int, default=1, help="LLM worker processes")

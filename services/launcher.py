@@ -109,20 +109,23 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
                      threshold: float | None = None, port: int | None = None, certs=None,
                      token: str | None = None, slm_quantize: str = "none", llm_quantize: str = "none",
                      coordinator_args: list[str] | tuple[str, ...] = (), worker_args: list[str] | tuple[str, ...] = (),
-                     say=print) -> Deployment:
+                     slm_draft_vocab: int = 0, say=print) -> Deployment:
     """Start SLM worker(s), LLM worker(s), the router and the coordinator, in dependency order.
 
     With `certs` (security.generate_dev_certs) every internal service requires the CA-signed client
     certificate (mutual TLS) that only the coordinator (and the launcher's health checks) holds; the
     coordinator's public port serves TLS with the same CA. The token reaches the coordinator by environment,
     never on its command line. `slm_quantize`/`llm_quantize`: the workers' --quantize ("none", "int8" or "int8-weight");
-    `coordinator_args`: more coordinator flags (a pair's chat options); `worker_args`: more flags for every worker."""
+    `coordinator_args`: more coordinator flags (a pair's chat options); `worker_args`: more flags for every worker;
+    `slm_draft_vocab`: the SLM workers' --draft-vocab (0 = off)."""
     internal_tls = _internal_tls(certs)
     common = ["--device", device] + (["--threads", str(threads)] if threads else []) + internal_tls
     endpoints: dict[str, list[str]] = {"slm": [], "llm": []}
     for role, model, dtype, quantize, count in (("slm", slm, slm_dtype, slm_quantize, slm_replicas),
                                                 ("llm", llm, llm_dtype, llm_quantize, llm_replicas)):
         quant = ["--quantize", quantize] if quantize != "none" else []
+        if role == "slm" and slm_draft_vocab:
+            quant += ["--draft-vocab", str(slm_draft_vocab)]
         for i in range(count):
             name = role if count == 1 else f"{role}-{i}"
             say(f"starting {name} worker ({model}, {dtype}{', ' + quantize if quant else ''}) ...", flush=True)

@@ -57,6 +57,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "top-1 drift about twice bf16's, memory 1.5x where the dense weights stay). "
                         "int8: dynamic int8 linear layers (CPU and "
                         "--dtype float32 only); 2-3x cheaper forwards but outputs drift far from the float model")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="SLM only: its output head keeps the N most frequent tokens (and every special token); "
+                        "the rest are never proposed. A cheaper decode step (the 0.5B's head is ~1/5 of it); "
+                        "lossless in verify mode at rollback_below 1, elsewhere the SLM's tokens come from that "
+                        "set (worker/draft_vocab.py). 0 = the whole vocabulary")
+    p.add_argument("--draft-vocab-corpus", default=None, metavar="PATH",
+                   help="with --draft-vocab: a text file or folder of the domain served whose token frequencies "
+                        "rank the vocabulary (default: the Python standard library's source)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     add_server_tls_args(p)
 
@@ -77,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
                         forward_fixed_rows=args.forward_fixed_rows,
                         features_top_k=args.features_top_k, features_dtype=args.features_dtype,
                         threads=args.threads, attn_implementation=args.attn_implementation,
-                        quantize=args.quantize)
+                        quantize=args.quantize, draft_vocab=args.draft_vocab,
+                        draft_vocab_corpus=args.draft_vocab_corpus)
 
 
 async def start_worker(config: EngineConfig, host: str = "127.0.0.1", port: int = 0,

@@ -108,6 +108,9 @@ class EngineConfig:
     # batched with one host copy. False: the reference paths (re-padded KV every forward, per-row features),
     # kept for tests and bench/engine_step.py; the outputs are the same.
     fast_paths: bool = True
+    # SLM only: the output head keeps the rows of this many frequent tokens (worker/draft_vocab.py); 0 = all.
+    draft_vocab: int = 0
+    draft_vocab_corpus: str | None = None  # the texts that rank tokens for it; None = the Python standard library
 
 
 QUANTIZE_SCHEMES = {"int8": "dynamic int8, per-channel",
@@ -239,6 +242,7 @@ class ModelEngine:
         self.model = load_weights(self.dtype)
         if self.policy.split and prefill_model is None:
             prefill_model = load_weights(prefill_dtype)
+        self.draft_vocab = self._install_draft_head(self.model, prefill_model)
         params = sum(p.numel() for p in self.model.parameters())
         self.prepacked = 0  # linear layers on prepacked weights, over both copies
         if cfg.prepack and cfg.quantize != "int8" and self.device.type == "cpu" and prepack_available():
@@ -277,6 +281,31 @@ class ModelEngine:
                  quantize=cfg.quantize, params_m=round(params / 1e6, 1),
                  resident_gib=_round(resident_after), resident_before_trim_gib=_round(resident_before),
                  load_s=round(time.perf_counter() - started, 2))
+
+    def _install_draft_head(self, *models) -> int:
+        """--draft-vocab: the SLM's head over its frequent tokens only (draft_vocab.py), before prepacking and
+        quantization wrap it. Returns how many tokens it keeps (0 = the full head)."""
+        size = self.config.draft_vocab
+        if size < 0:
+            raise ValueError(f"--draft-vocab must be >= 0 (0 = the whole vocabulary), got {size}")
+        if size == 0:
+            return 0
+        if self.config.role != "slm":
+            raise ValueError("--draft-vocab is for the SLM worker: the LLM writes and judges with its whole vocabulary")
+        from r2r_serve.worker.draft_vocab import corpus_files, draft_token_ids, install_draft_head
+
+        started = time.perf_counter()
+        vocab = self.model.get_output_embeddings().out_features
+        ids = draft_token_ids(self.tokenizer, size, vocab, always=self._eos_ids(),
+                              sources=corpus_files(self.config.draft_vocab_corpus))
+        if len(ids) >= vocab:
+            log.info("draft_vocab_off", reason="the set covers the whole vocabulary", size=size, vocab=vocab)
+            return 0
+        for model in models:
+            if model is not None:
+                install_draft_head(model, ids)
+        log.info("draft_vocab", kept=len(ids), vocab=vocab, rank_s=round(time.perf_counter() - started, 2))
+        return len(ids)
 
     def _eos_ids(self) -> list[int]:
         ids = set()

@@ -53,7 +53,8 @@ def prepack_available() -> bool:
 def prepack_linears(model: torch.nn.Module) -> int:
     """Replace every float32 CPU nn.Linear of `model` (a tied output head excepted) in place; returns how
     many were replaced."""
-    tied = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
+    config = getattr(model, "config", None)  # a bare module (a drafting head alone) has none
+    tied = model.get_output_embeddings() if getattr(config, "tie_word_embeddings", False) else None
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
