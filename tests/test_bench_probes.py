@@ -49,3 +49,30 @@ def test_spec_breakdown_counts_forwards_and_verify_mode_answers_as_assisted(tmp_
     never = entries["verify-1@2"]
     assert never["rollbacks"] <= never["llm_forwards"] <= never["rollbacks"] + out["problems"]
     assert never["slm_forwards"] >= tokens - never["llm_written"] + never["rollbacks"]
+
+
+def test_draft_quality_grades_a_drafting_head_run_beside_the_saved_runs(tmp_path, tiny_pair):
+    """bench.draft_quality reruns a saved harness R2R run with the SLM on a drafting head and grades all four."""
+    from bench import draft_quality, humaneval
+
+    keys = [p.task_id for p in humaneval.load_problems(2)]
+    answers = tmp_path / "saved" / "answers"
+    answers.mkdir(parents=True)
+    canonical = {p.task_id: p.prompt + p.canonical_solution for p in humaneval.load_problems(2)}
+    for name, text in (("r2r-0.1", None), ("llm-1", None), ("slm-0", "")):
+        outcomes = [dict(key=k, text=canonical[k] if text is None else text, completion_tokens=4,
+                         llm_share=0.5 if name == "r2r-0.1" else float(name == "llm-1")) for k in keys]
+        (answers / f"{name}.json").write_text(json.dumps(dict(
+            name=name, strategy="entropy", threshold=0.5, sessions=2, max_tokens=6, machine="m", date="d",
+            outcomes=outcomes)))
+    tiny_dir = Path(tiny_pair["slm"]).parent
+    rc = draft_quality.main(["--tiny", str(tiny_dir), "--saved", str(tmp_path / "saved"), "--limit", "2",
+                             "--slm-draft-vocab", "100", "--slm-dtype", "float32", "--llm-dtype", "float32",
+                             "--out", str(tmp_path)])
+    assert rc == 0
+    out = json.loads(next(tmp_path.glob("draft_quality-*.json")).read_text())
+    runs = out["runs"]
+    assert set(runs) == {"r2r-0.1-draft100", "r2r-0.1", "llm-1", "slm-0"}
+    # The saved canonical solutions pass and the empty answers fail: the grading ran for real.
+    assert runs["r2r-0.1"]["pass1"] == runs["llm-1"]["pass1"] == 1.0 and runs["slm-0"]["pass1"] == 0.0
+    assert runs["r2r-0.1"]["llm_share"] == 0.5 and 0.0 <= runs["r2r-0.1-draft100"]["llm_share"] <= 1.0
