@@ -23,6 +23,19 @@ def add_pair_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> No
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
 
 
+def resolve_pair(args: argparse.Namespace) -> tuple[str, str]:
+    """The SLM and LLM folders these flags name (never a hub: HF_HUB_OFFLINE unless set), with `auto` dtypes
+    resolved in `args`: what every benchmark that starts the services does first."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from r2r_serve.cli import resolve_models
+
+    slm, llm, _ = resolve_models(args)
+    resolve_auto_dtypes(args)
+    return slm, llm
+
+
 def resolve_auto_dtypes(args: argparse.Namespace) -> None:
     """`auto` dtypes resolved as r2r serve resolves them (bf16, or bfloat16/float32 on AVX2 CPUs)."""
     from r2r_serve.models.pair_config import auto_dtype

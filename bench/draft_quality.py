@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from bench import humaneval, runner
-from bench.args import add_pair_args, resolve_auto_dtypes
+from bench.args import add_pair_args, resolve_pair
 from bench.harness import new_progress
 from bench.machine import write_stamped
 
@@ -35,12 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from r2r_serve.cli import resolve_models
+    slm, llm = resolve_pair(args)
     from r2r_serve.models.pair_config import load_pair_config
 
-    slm, llm, _ = resolve_models(args)
-    resolve_auto_dtypes(args)
     answers = Path(args.saved) / "answers"
     saved = {name: json.loads((answers / f"{name}.json").read_text()) for name in (args.run, "llm-1", "slm-0")}
     r2r = saved[args.run]

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from dataclasses import asdict, dataclass
 
 from bench import assisted, humaneval, runner
 from bench.ab import load_assisted, parse_verify, verify_name, verify_params
-from bench.args import add_pair_args, resolve_auto_dtypes
+from bench.args import add_pair_args, resolve_pair
 from bench.machine import write_stamped
 
 
@@ -100,11 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from r2r_serve.cli import resolve_models
-
-    slm, llm, _ = resolve_models(args)
-    resolve_auto_dtypes(args)
+    slm, llm = resolve_pair(args)
     problems = humaneval.load_problems(args.problems)
     requests = [runner.Request(p.task_id, humaneval.chat_messages(p)) for p in problems]
     checkpoint = None
