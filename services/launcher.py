@@ -124,13 +124,13 @@ def start_deployment(cluster: LocalCluster, *, slm: str, llm: str, slm_dtype: st
     for role, model, dtype, quantize, count in (("slm", slm, slm_dtype, slm_quantize, slm_replicas),
                                                 ("llm", llm, llm_dtype, llm_quantize, llm_replicas)):
         quant = ["--quantize", quantize] if quantize != "none" else []
-        if role == "slm" and slm_draft_vocab:
-            quant += ["--draft-vocab", str(slm_draft_vocab)]
+        draft = ["--draft-vocab", str(slm_draft_vocab)] if role == "slm" and slm_draft_vocab else []
         for i in range(count):
             name = role if count == 1 else f"{role}-{i}"
-            say(f"starting {name} worker ({model}, {dtype}{', ' + quantize if quant else ''}) ...", flush=True)
+            say(f"starting {name} worker ({model}, {dtype}{', ' + quantize if quant else ''}"
+                f"{f', drafting head {slm_draft_vocab}' if draft else ''}) ...", flush=True)
             endpoints[role].append(cluster.start(name, ["worker", "--role", role, "--model", model,
-                                                        "--dtype", dtype, *quant, *common, *worker_args]))
+                                                        "--dtype", dtype, *quant, *draft, *common, *worker_args]))
     slm_ep, llm_ep = ",".join(endpoints["slm"]), ",".join(endpoints["llm"])
     router_ep, coord_ep = start_router_and_coordinator(
         cluster, slm_ep, llm_ep, router_strategy=router_strategy, router_checkpoint=router_checkpoint,
