@@ -167,17 +167,20 @@ async def _forward_s(endpoints: list[str]) -> dict[str, float]:
     from r2r_serve.proto import worker_pb2, worker_pb2_grpc
 
     total = dict.fromkeys(("forward", "prefill", "decode"), 0.0)
+    batches = 0
     for ep in endpoints:
         async with grpc.aio.insecure_channel(ep) as channel:
             load = await worker_pb2_grpc.ModelWorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10.0)
             for kind in total:
                 total[kind] += getattr(load, f"{kind}_s")
-    return total
+            batches += load.batches
+    return total | {"batches": batches}
 
 
 def workers_forward_s(services: Services) -> dict[str, dict[str, float]]:
-    """Seconds each pool's workers have spent in forward passes so far, in all and by kind (summed over
-    replicas): {"slm": {"forward": s, "prefill": s, "decode": s}, "llm": {...}}."""
+    """Seconds each pool's workers have spent in forward passes so far, in all and by kind, and how many
+    forwards (batches) they ran, summed over replicas: {"slm": {"forward": s, "prefill": s, "decode": s,
+    "batches": n}, "llm": {...}}."""
     return {role: asyncio.run(_forward_s([e for e in endpoints.split(",") if e]))
             for role, endpoints in (("slm", services.slm), ("llm", services.llm))}
 

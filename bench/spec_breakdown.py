@@ -14,7 +14,6 @@ Writes bench/results/spec_breakdown-<date>.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from dataclasses import asdict, dataclass
 
@@ -61,20 +60,6 @@ class TimedForward:
         self.calls += 1
         self.tokens += 0 if ids is None else ids.shape[-1]
         return out
-
-
-async def _load(endpoint: str) -> tuple[int, float]:
-    import grpc
-
-    from r2r_serve.proto import worker_pb2, worker_pb2_grpc
-
-    async with grpc.aio.insecure_channel(endpoint) as channel:
-        load = await worker_pb2_grpc.ModelWorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10.0)
-    return load.batches, load.forward_s
-
-
-def worker_loads(services: runner.Services) -> dict[str, tuple[int, float]]:
-    return {role: asyncio.run(_load(getattr(services, role).split(",")[0])) for role in ("slm", "llm")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,18 +125,18 @@ def main(argv=None) -> int:
             s.llm_written += res.completion_tokens
             texts["assisted"].append(res.text)
             for name, (spec, t, coordinator) in entries.items():
-                before_load = worker_loads(services)
+                before_load = runner.workers_forward_s(services)
                 run = runner.run_requests(services.coordinators[coordinator], [req], threshold=t, max_tokens=args.max_tokens,
                                           **verify_params(spec))
-                after_load = worker_loads(services)
+                after_load = runner.workers_forward_s(services)
                 o = run.outcomes[0]
                 s = spent[name]
                 s.tokens += o.completion_tokens
                 s.wall_s += o.total_s
-                s.slm_forwards += after_load["slm"][0] - before_load["slm"][0]
-                s.slm_s += after_load["slm"][1] - before_load["slm"][1]
-                s.llm_forwards += after_load["llm"][0] - before_load["llm"][0]
-                s.llm_s += after_load["llm"][1] - before_load["llm"][1]
+                s.slm_forwards += after_load["slm"]["batches"] - before_load["slm"]["batches"]
+                s.slm_s += after_load["slm"]["forward"] - before_load["slm"]["forward"]
+                s.llm_forwards += after_load["llm"]["batches"] - before_load["llm"]["batches"]
+                s.llm_s += after_load["llm"]["forward"] - before_load["llm"]["forward"]
                 s.rollbacks += o.rollbacks
                 s.llm_written += o.sources.count("llm")
                 texts[name].append(o.text)
