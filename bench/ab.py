@@ -63,10 +63,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 MODE_THRESHOLDS = {"llm": 0.0, "slm": 2.0}  # the LLM alone, the SLM alone: on the plain coordinator
 ASSISTED = "assisted"  # in-process HF assisted generation, no services
 ASSISTED_FULL = "assisted-full"  # the same with the assistant's whole head (with --slm-draft-vocab)
-# Which assistant head each in-process mode drafts with: assisted takes the workers' (a drafting head with
-# --slm-draft-vocab), assisted-full the model's own.
-ASSISTANT_HEADS = {ASSISTED: lambda pair: "draft" if "draft" in pair.assistant_heads else "full",
-                   ASSISTED_FULL: lambda pair: "full"}
+# Which assistant head each in-process mode drafts with: assisted the pair's default (the workers' drafting
+# head with --slm-draft-vocab), assisted-full the model's own.
+ASSISTANT_HEADS = {ASSISTED: None, ASSISTED_FULL: "full"}
 
 
 def rotated(names: list[str], round_index: int) -> list[str]:
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
                     if name in in_process:
                         results[name].append(assisted.run_requests(
                             pair, requests, args.max_tokens, stop=runner.STOP, progress=progress,
-                            label=f"round {i + 1} {name}", assistant_head=ASSISTANT_HEADS[name](pair)))
+                            label=f"round {i + 1} {name}", assistant_head=ASSISTANT_HEADS[name]))
                         continue
                     mode = name.removesuffix("-only")
                     results[name].append(runner.run_requests(

@@ -50,9 +50,9 @@ class Pair:
     tokenizer: object         # the LLM folder's tokenizer (the SLM must share it)
     device: torch.device
     eos_token_ids: list[int]
-    # The assistant's output heads by name ("full"; "draft" when loaded with slm_draft_vocab, installed by
-    # default): generate(assistant_head=...) picks one.
-    assistant_heads: dict[str, torch.nn.Module] | None = None
+    # The assistant's output heads by name: "full", and "draft" when loaded with slm_draft_vocab (the default
+    # then, as the SLM worker drafts on it); generate(assistant_head=...) picks one.
+    assistant_heads: dict[str, torch.nn.Module]
 
 
 @dataclass
@@ -195,7 +195,7 @@ def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop
              assistant_head: str | None = None) -> Result:
     """One greedy answer: "assisted" = the LLM with the SLM drafting, "llm"/"slm" = that model alone.
     `stop`: strings that end the answer (as the service's `stop`). `assistant_head`: one of
-    pair.assistant_heads to draft with ("full", or "draft" when there is one); None = the installed one."""
+    pair.assistant_heads to draft with; None = "draft" when there is one, else "full"."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if max_tokens < 1:
@@ -203,8 +203,8 @@ def generate(pair: Pair, messages: list[dict], max_tokens: int, mode: Mode, stop
     stop = [stop] if isinstance(stop, str) else list(stop)
     started = time.perf_counter()
     ids = torch.tensor([prompt_ids(pair.tokenizer, messages)], device=pair.device)
-    if assistant_head is not None:
-        pair.slm.set_output_embeddings(pair.assistant_heads[assistant_head])
+    heads = pair.assistant_heads
+    pair.slm.set_output_embeddings(heads[assistant_head or ("draft" if "draft" in heads else "full")])
     model = pair.slm if mode == "slm" else pair.llm
     extra = {"assistant_model": _checked_assistant(pair)} if mode == "assisted" else {}
     clock = FirstTokenClock()
