@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import assisted, humaneval, runner
-from bench.args import add_pair_args, resolve_auto_dtypes
+from bench.args import add_pair_args, resolve_pair
 from bench.harness import new_progress
 from bench.machine import machine_description, software_versions
 
@@ -75,12 +74,9 @@ def rotated(names: list[str], round_index: int) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from r2r_serve.cli import resolve_models
+    slm, llm = resolve_pair(args)
     from r2r_serve.models.pair_config import load_pair_config
 
-    slm, llm, _ = resolve_models(args)
-    resolve_auto_dtypes(args)
     checkpoint = None if args.tiny else load_pair_config().router_checkpoint
     strategy = "neural" if checkpoint else "entropy"
     problems = humaneval.load_problems(args.problems)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 
 import torch
 
 from bench import humaneval, runner
-from bench.args import add_pair_args, resolve_auto_dtypes
+from bench.args import add_pair_args, resolve_pair
 from bench.machine import write_stamped
 
 LAYERS = ("hf", "worker", "service")
@@ -110,14 +109,11 @@ async def service_ms_per_token(target: str, messages: list[dict], tokens: int) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from r2r_serve.cli import resolve_models
+    slm, llm = resolve_pair(args)
     from r2r_serve.common.dtypes import parse_dtype_policy
 
     from bench.assisted import _eos_ids as assisted_eos, _load_model, prompt_ids
 
-    slm, llm, _ = resolve_models(args)
-    resolve_auto_dtypes(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     problem = humaneval.load_problems(1)[0]
